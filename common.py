@@ -50,7 +50,7 @@ def ddp_setup():
         dist.init_process_group("nccl" if cuda else "gloo")
     else:
         rank, world, device = 0, 1, "cuda" if cuda else "cpu"
-    if not cuda:  # CPU processes on one machine share its cores
+    if not cuda and world > 1:  # CPU processes on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     torch.backends.cuda.matmul.allow_tf32 = True
     return rank, world, device
@@ -73,6 +73,16 @@ def all_reduce(t, op="sum"):
         if op == "mean":
             t /= dist.get_world_size()
     return t
+
+
+def replica_checksums(model):
+    """Sum of all weights on every rank (a list, one per rank): equal when DDP kept replicas in sync."""
+    s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    if not dist.is_initialized():
+        return s.tolist()
+    out = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, s)
+    return [float(x) for x in out]
 
 
 # -----------------------------------------------------------------------------
@@ -169,12 +179,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def sincos(values, dim):
+    """(N,) positions -> (N, dim) sin-cos features (the Transformer's), RMS ~0.7."""
+    freq = 1.0 / 10000 ** (torch.arange(0, dim // 2, dtype=torch.float32) / (dim // 2))
+    x = values.float()[:, None] * freq[None]
+    return torch.cat([x.sin(), x.cos()], 1)
+
+
 class ViT(nn.Module):
     def __init__(self, c):
         super().__init__()
-        d, n = c["width"], (c["image_size"] // c["patch"]) ** 2
+        d, g = c["width"], c["image_size"] // c["patch"]
         self.patch = nn.Conv2d(c["in_chans"], d, c["patch"], c["patch"])
-        self.pos = nn.Parameter(torch.randn(1, n, d) * 0.02)
+        if c.get("stem"):  # convolutional stem (Xiao et al. 2021): 3x3 stride-2 convs, then a 1x1 projection
+            n, ch, layers = int(math.log2(c["patch"])), c["in_chans"], []
+            for i in range(n):
+                layers += [nn.Conv2d(ch, d // 2 ** (n - i), 3, 2, 1), nn.GELU()]
+                ch = d // 2 ** (n - i)
+            self.patch = nn.Sequential(*layers, nn.Conv2d(ch, d, 1))
+        # learned position embedding, started at 2D sin-cos (half the features for y, half for x):
+        # a small model on little data learns where things are much sooner than from noise
+        yy, xx = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        self.pos = nn.Parameter(torch.cat([sincos(yy.flatten() * 4, d // 2), sincos(xx.flatten() * 4, d // 2)], 1)[None])
         self.blocks = nn.ModuleList(Block(d, c["heads"]) for _ in range(c["enc_depth"]))
         self.ln = nn.LayerNorm(d)
 
@@ -190,8 +216,10 @@ class Decoder(nn.Module):
         super().__init__()
         d = c["width"]
         self.tok, self.pos = nn.Embedding(c["vocab"], d), nn.Parameter(torch.randn(1, c["seq_len"], d) * 0.02)
+        nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's scale: with the tied head, logits start near 0
         self.blocks = nn.ModuleList(Block(d, c["heads"], cross=True) for _ in range(c["dec_depth"]))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, c["vocab"])
+        self.head.weight = self.tok.weight  # tied: whatever structure the embeddings have, the outputs share
 
     def forward(self, tokens, mem_kv, caches=None, pos=0):  # tokens (B, T) -> logits (B, T, V)
         x = self.tok(tokens) + self.pos[:, pos:pos + tokens.shape[1]]
@@ -549,7 +577,7 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
     return (d <= r) & (d >= r * 0.55)  # ring
 
 
-def make_scene(rng, size):
+def make_scene(rng, size, max_things=6, radius=(0.07, 0.2)):
     """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
     index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
     segments; stuff names; five paraphrased captions."""
@@ -565,10 +593,10 @@ def make_scene(rng, size):
         seg[m] = len(segments) + 1
         segments.append(dict(id=len(segments) + 1, category_id=len(THINGS) + STUFF.index(name) + 1, iscrowd=0))
     things = []
-    for _ in range(rng.integers(1, 7)):
+    for _ in range(rng.integers(1, max_things + 1)):
         for _attempt in range(20):  # rejection: every thing keeps most of its area visible
             kind, color = rng.choice(THINGS), rng.choice(list(COLORS))
-            r = size * rng.uniform(0.07, 0.2)
+            r = size * rng.uniform(*radius)
             cy, cx = rng.uniform(r, size - r, 2)
             m = _shape_mask(kind, yy, xx, cy, cx, r)
             others = [t for t in things if (t["mask"] & ~m).sum() < 0.6 * t["mask"].sum()]

@@ -244,7 +244,7 @@ def box_iou(a, b):  # (..., P, 4), (..., G, 4) yxyx -> (..., P, G)
     rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / (area(a)[..., :, None] + area(b)[..., None, :] - inter + 1e-9)
+    return inter / (area(a)[..., :, None] + area(b)[..., None, :] - inter).clamp(min=1e-9)
 
 
 def match(pred, batch, thr, weights):
@@ -253,7 +253,8 @@ def match(pred, batch, thr, weights):
     Returns class-weighted matched GT (B, K), weighted duplicates (B, K), IoU of each pred (B, K, P)."""
     pb, pl, pv = decode(pred, len(weights))
     gb, gl = batch["gt_boxes"][:, None], batch["gt_labels"][:, None]  # (B, 1, G, 4): broadcast over samples
-    iou = box_iou(pb, gb)
+    # IoU on the integer grid of coordinate levels, in float64: exact, so IoU == thr is decidable
+    iou = box_iou((pb.double() * LEVELS).round(), (gb.double() * LEVELS).round())
     ok = (iou > thr) & pv[..., :, None] & (gl >= 0)[..., None, :] & (pl[..., :, None] == gl[..., None, :])
     iou = iou * ok
     iou = iou * torch.nn.functional.one_hot(iou.argmax(-1), iou.shape[-1]).bool()  # one GT per prediction
@@ -261,7 +262,7 @@ def match(pred, batch, thr, weights):
     matched = iou.amax(-2) > 0  # (B, K, G)
     dup = ((iou > 0) & ~win).any(-1)  # (B, K, P): would have matched, but its GT was taken
     w = torch.as_tensor(weights, device=pred.device)
-    return (matched * w[gl.clamp(min=0)]).sum(-1), (dup * w[pl]).sum(-1), iou.sum(-1)
+    return (matched * w[gl.clamp(min=0)]).sum(-1), (dup * w[pl]).sum(-1), iou.sum(-1).float()
 
 
 def reward_map(pred, batch, dup_weight=0.3):
@@ -300,6 +301,11 @@ def conf_loss(logits, tokens, match_iou, num_classes):
 # metric: pycocotools COCOeval on the held-out split, in original image coordinates
 
 
+def to_xywh(box, item):
+    """Normalized [ymin, xmin, ymax, xmax] -> COCO [x, y, w, h] in the item's original pixels."""
+    return [box[1] * item["w"], box[0] * item["h"], (box[3] - box[1]) * item["w"], (box[2] - box[0]) * item["h"]]
+
+
 @torch.no_grad()
 def predict(model, ds, meta, device, n_images, batch_size=128):
     """Greedy decoding -> COCO results, mean reward of the greedy prediction, boxes per image.
@@ -322,9 +328,7 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
         for j, i in enumerate(idx.tolist()):
             it = ds.items[i]
             for b, c, s in zip(pb[j][pv[j]].tolist(), pl[j][pv[j]].tolist(), score[j][pv[j]].tolist()):
-                x0, y0, x1, y1 = b[1] * it["w"], b[0] * it["h"], b[3] * it["w"], b[2] * it["h"]
-                results.append(dict(image_id=it["id"], category_id=meta["cat_ids"][c], bbox=[x0, y0, x1 - x0, y1 - y0],
-                                    score=s))
+                results.append(dict(image_id=it["id"], category_id=meta["cat_ids"][c], bbox=to_xywh(b, it), score=s))
             nboxes.append(int(pv[j].sum()))
         tokens_all.append(tok)
     model.train()
@@ -381,8 +385,12 @@ def train(args, stage):
         cfg, state = common.model_config(args.model, args.image_size, CLS0 + nc + 1, L, CLS0 + nc,
                                          args.dec_layers, args.patch), None
     raw, model, opt, start, path, meta = common.stage_setup("detect", stage, args, cfg, meta, device, world, state)
-    if not init and args.init_encoder and start == 0:
-        common.load_timm_encoder(raw, args.init_encoder)
+    if not init and start == 0:
+        with torch.no_grad():  # coordinate levels start as sin-cos of their value: level 437 looks like 438
+            raw.decoder.tok.weight[COORD0:COORD0 + LEVELS + 1] = 0.03 * common.sincos(torch.arange(LEVELS + 1) / 4,
+                                                                                     cfg["width"]).to(device)
+        if args.init_encoder:
+            common.load_timm_encoder(raw, args.init_encoder)
     allowed = grammar(args.max_boxes, nc).to(device)
     log = common.Logger(os.path.dirname(path), master, resume=start > 0)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
@@ -440,6 +448,7 @@ def train(args, stage):
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
             m = evaluate_model(raw, va, gt, meta, device, args.eval_images)[0]
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
+    log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_cleanup()
 
 
@@ -487,8 +496,8 @@ def evaluate(args):
     grid = []
     for i in range(min(8, len(va))):
         it = va.items[i]
-        gtb = [(b[1] * it["w"], b[0] * it["h"], b[3] * it["w"], b[2] * it["h"], meta["classes"][c])
-               for b, c in zip(it["boxes"].tolist(), it["labels"])]
+        gtb = [(x, y, x + w, y + h, meta["classes"][c])
+               for (x, y, w, h), c in zip([to_xywh(b, it) for b in it["boxes"].tolist()], it["labels"])]
         row = [draw(it, args.image_size, gtb, "lime")]
         for name, res in preds.items():
             bx = [(r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3],

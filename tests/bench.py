@@ -1,0 +1,93 @@
+"""Benchmark: prints a table of speed targets (targets, not test assertions).
+Run: python tests/bench.py [--batch 32] [--repeat 3]"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import detect  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--batch", type=int, default=32, help="images per step")
+p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+args = p.parse_args()
+torch.manual_seed(0)
+
+
+def best(f, n=args.repeat):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+rows = []  # (what, measured, target, met)
+
+# 1. sampling: KV cache vs full recompute, short and long sequences (detect's COCO length is 600)
+for L, b in [(48, args.batch), (600, 4)]:
+    cfg = common.model_config("tiny", 64, 1010, L, 1009, 4, 8)
+    m = common.EncoderDecoder(cfg).eval()
+    imgs = torch.randn(b, 3, 64, 64)
+    fast = best(lambda: common.sample(m, imgs, L))
+    slow = best(lambda: common.sample(m, imgs, L, use_cache=False), n=1)
+    rows.append((f"sampling {L} tokens x {b}: cache vs recompute (tokens/s)",
+                 f"{b * L / fast:,.0f} vs {b * L / slow:,.0f} = {slow / fast:.1f}x", ">= 10x at 600" if L == 600 else "",
+                 "yes" if L != 600 or slow / fast >= 10 else "NO"))
+
+# 2. the detection reward step vs the MLE step on the same batch (synthetic preset shapes)
+B, K, S = args.batch, 2, 8
+items, _ = detect.load_synthetic("val", B, 64, 0)
+ds = detect.Boxes(items, 64)
+idx, imgs, boxes, labels = detect.collate([ds[i] for i in range(B)])
+cfg = common.model_config("tiny", 64, detect.CLS0 + 6, S * 6, detect.CLS0 + 5, 4, 8)
+m = common.EncoderDecoder(cfg)
+opt = torch.optim.AdamW(m.parameters(), 1e-4)
+allowed = detect.grammar(S, 5)
+gt = torch.stack([detect.encode(b, l, S) for b, l in zip(boxes, labels)])
+gb, gl = detect.gt_arrays(boxes, labels, S)
+batch = dict(gt_boxes=gb, gt_labels=gl, class_weights=[1.0] * 5)
+
+
+def mle_step():
+    common.mle_loss(m, imgs, gt, common.until_end(gt, 0).float(), allowed).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+t_mle = best(mle_step)
+# a model that emits boxes until the last slot (the tuned model's regime, the slow case)
+tok, _ = common.sample(m, imgs, S * 6, K, allowed=allowed, end_token=0)
+tok = tok.clone()
+tok[..., 0::6] = tok[..., 0::6].clamp(min=3)
+t_sample = best(lambda: common.sample(m, imgs, S * 6, K, allowed=allowed, end_token=0))
+t_reward = best(lambda: detect.reward_map(tok, batch))
+
+
+def fwd_bwd():
+    r, aux = detect.reward_map(tok, batch)
+    loss, logits, t, _, _ = common.reinforce_loss(m, imgs, tok, r, common.until_end(tok, 0), "loo", "first", allowed)
+    (loss + 0.3 * detect.conf_loss(logits, t, aux["match_iou"][:, :1].reshape(B, -1), 5)).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+t_fb = best(fwd_bwd) - t_reward
+t_step = t_sample + t_reward + t_fb
+rows.append((f"detect reward (map): {B * K} samples x {S} boxes", f"{B * K / t_reward:,.0f} items/s, "
+             f"{100 * t_reward / t_step:.1f}% of the step", "<= 5% of the step", "yes" if t_reward / t_step <= .05 else "NO"))
+rows.append((f"detect reward step K={K} (sample {t_sample * 1e3:.0f} + reward {t_reward * 1e3:.0f} + fwd/bwd "
+             f"{t_fb * 1e3:.0f} ms) vs MLE step {t_mle * 1e3:.0f} ms", f"{t_step / t_mle:.2f}x", "<= 3x",
+             "yes" if t_step / t_mle <= 3 else "NO"))
+rows.append(("peak memory (max RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", "", ""))
+
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}\n")
+print("| what | measured | target | met |\n|---|---|---|---|")
+for r in rows:
+    print("| " + " | ".join(r) + " |")

@@ -1,0 +1,156 @@
+"""detect.py: token format, the rewards on hand-computed cases, COCO loading and evaluation.
+Run: python -m pytest -q tests/test_detect.py"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detect
+
+W2 = [0.5, 1.5]  # class weights of a 2-class world (mean 1)
+
+
+def seq(boxes, labels, slots=8):
+    return detect.encode(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels), slots)
+
+
+def batch(gt_boxes, gt_labels, weights=(1.0, 1.0), slots=8):
+    gb, gl = detect.gt_arrays([torch.tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4)], [torch.tensor(gt_labels)],
+                              slots)
+    return dict(gt_boxes=gb, gt_labels=gl, class_weights=list(weights))
+
+
+def rewards(preds, b):
+    pred = torch.stack([seq(*p) for p in preds])[None]  # (1, K, L)
+    return detect.reward_map(pred, b)[0][0, 0].item(), detect.reward_recall(pred, b)[0][0, 0].item()
+
+
+A, B = [0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]
+
+
+def test_token_round_trip_within_one_quantization_step():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(6, 4, generator=g)
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    labels = torch.randint(0, 80, (6,), generator=g)
+    t = detect.encode(boxes, labels, 10)
+    assert t.shape == (60,) and (t[36:] == 0).all()  # 4 padding boxes, all token 0
+    b, l, v = detect.decode(t, 80)
+    assert v.tolist() == [True] * 6 + [False] * 4 and torch.equal(l[:6], labels)
+    assert (b[:6] - boxes).abs().max() <= 0.5 / 1000 + 1e-6
+    assert detect.grammar(10, 80)[torch.arange(60), t][:37].all()  # GT tokens obey the grammar (up to the end)
+
+
+def test_perfect_duplicate_wrong_class():
+    b = batch([A], [0])
+    assert rewards([([A], [0])], b) == (pytest.approx(1.0), pytest.approx(1.0))
+    # the copy would have matched, but its GT is taken: -0.3 at every threshold
+    assert rewards([([A, A], [0, 0])], b) == (pytest.approx(0.7), pytest.approx(0.7))
+    assert rewards([([A], [1])], b) == (0.0, 0.0)
+
+
+def test_iou_exactly_at_threshold_is_not_a_match():
+    b = batch([A], [0])
+    half = [0.0, 0.0, 0.4, 0.2]  # IoU = 0.08 / 0.16 = 0.5 exactly; the authors' match is strict (IoU > thr)
+    assert rewards([([half], [0])], b) == (0.0, 0.0)
+    iou57 = [0.0, 0.0, 0.4, 0.228]  # IoU 0.57: passes 0.50 and 0.55 only -> 2 of 10 thresholds
+    assert rewards([([iou57], [0])], b) == (pytest.approx(0.2), pytest.approx(1.0))
+    iou55 = [0.0, 0.0, 0.4, 0.22]  # IoU 0.55 exactly: passes 0.50 only
+    assert rewards([([iou55], [0])], b) == (pytest.approx(0.1), pytest.approx(1.0))
+
+
+def test_padding_and_no_ground_truth():
+    b = batch([A], [0])
+    assert rewards([([], [])], b) == (0.0, 0.0)  # all padding: nothing predicted
+    empty = batch([], [])
+    assert rewards([([A, B], [0, 1])], empty) == (0.0, 0.0)  # false positives cost nothing (authors' reward)
+
+
+def test_many_predictions_with_class_weights():
+    b = batch([A, B], [0, 1], W2)
+    a825 = [0.0, 0.0, 0.4, 0.33]  # IoU 0.825 with A: a duplicate at the 7 thresholds 0.50..0.80
+    far, b_wrong = [0.9, 0.0, 1.0, 0.1], B
+    preds = [([A, a825, B, far, b_wrong], [0, 0, 1, 0, 0])]
+    r_map, r_rec = rewards(preds, b)
+    assert r_map == pytest.approx(0.5 + 1.5 - 0.3 * 0.5 * 7 / 10)  # weighted matches - weighted duplicates
+    assert r_rec == pytest.approx(2 - 0.3)  # recall reward is unweighted
+
+
+def test_reward_vectorized_over_samples_and_iou_for_confidence():
+    b = batch([A], [0])
+    pred = torch.stack([seq([A], [0]), seq([[0.0, 0.0, 0.4, 0.228]], [0]), seq([], [])])[None]
+    r, aux = detect.reward_map(pred, b)
+    assert r.shape == (1, 3) and r[0].tolist() == pytest.approx([1.0, 0.2, 0.0])
+    assert aux["match_iou"][0, :, 0].tolist() == pytest.approx([1.0, 0.57, 0.0], abs=1e-3)
+
+
+def test_class_weights_smoothed_inverse_frequency():
+    items = [dict(labels=[0]), dict(labels=[1, 1, 1])]
+    w = detect.class_weights(items, 2)
+    raw = [1 / (1 + 0.05 * 4), 1 / (3 + 0.05 * 4)]
+    assert w == pytest.approx([2 * raw[0] / sum(raw), 2 * raw[1] / sum(raw)])
+
+
+def test_conf_loss_is_minimal_at_the_matched_iou():
+    logits = torch.zeros(1, 6, 1010, requires_grad=True)
+    tok = seq([A], [0], slots=1)[None]
+    iou = torch.tensor([[0.7]])
+    masked = logits.masked_fill(~detect.grammar(1, 5), float("-inf"))  # as the model's forward does
+    detect.conf_loss(masked, tok, iou, 5).backward()
+    g = logits.grad[0, 5]  # at P1 = P2 = 0.5 the loss pushes P2 up towards 0.7
+    assert g[2] < 0 < g[1]
+
+
+def write_coco(root, split, n_img=4):
+    """A tiny COCO instances layout: category ids with gaps, a crowd box, grayscale / RGBA /
+    odd-sized images, one image without objects, one unreadable image."""
+    os.makedirs(root / split, exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    rng = np.random.default_rng(0)
+    specs = [(48, 64, "RGB", "a.jpg"), (33, 47, "L", "b.png"), (40, 40, "RGBA", "c.png"), (50, 30, "RGB", "d.png")]
+    images, anns = [], []
+    for i, (w, h, mode, name) in enumerate(specs[:n_img]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(root / split / name)
+        images.append(dict(id=10 + i, file_name=name, width=w, height=h))
+    (root / split / "broken.jpg").write_bytes(b"\x00not an image")
+    images.append(dict(id=99, file_name="broken.jpg", width=10, height=10))
+    for i, (iid, cat, box, crowd) in enumerate([(10, 3, [5, 6, 20, 30], 0), (10, 7, [30, 10, 10, 12], 0),
+                                                (11, 1, [2, 2, 20, 20], 0), (11, 3, [0, 0, 33, 47], 1),
+                                                (12, 7, [10, 5, 25, 30], 0)]):
+        anns.append(dict(id=i + 1, image_id=iid, category_id=cat, bbox=box, area=box[2] * box[3], iscrowd=crowd))
+    cats = [dict(id=c, name=n) for c, n in [(1, "person"), (3, "car"), (7, "train")]]
+    with open(root / "annotations" / f"instances_{split}.json", "w") as f:
+        json.dump(dict(images=images, annotations=anns, categories=cats), f)
+
+
+def test_coco_loader_and_eval_in_original_coordinates(tmp_path):
+    write_coco(tmp_path, "val")
+    items, gt, names, cats = detect.load_coco(str(tmp_path), "val")
+    assert names == ["person", "car", "train"] and cats == [1, 3, 7]
+    items = detect.readable(items, "val")
+    assert [it["id"] for it in items] == [10, 11, 12, 13]  # the broken image is skipped
+    it = items[1]
+    assert it["labels"] == [0]  # the crowd box is not a training target
+    ds = detect.Boxes(items, 32)
+    _, img, boxes, labels = ds[1]  # a grayscale 33x47 image becomes RGB 32x32
+    assert img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1
+    # ground truth pushed through the normalized format and back scores AP 100 (crowd ignored)
+    res = [dict(image_id=it["id"], category_id=cats[l], bbox=detect.to_xywh(b, it), score=1.0)
+           for it in items for b, l in zip(it["boxes"].tolist(), it["labels"])]
+    m = detect.coco_eval(gt, res, [it["id"] for it in items])
+    assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+    shifted = [dict(r, bbox=[r["bbox"][0] + 0.3 * r["bbox"][2]] + r["bbox"][1:]) for r in res]  # IoU ~0.54
+    assert detect.coco_eval(gt, shifted, [it["id"] for it in items])["AP"] < 60
+    assert detect.coco_eval(gt, [], [10])["AP"] == 0.0
+
+
+def test_malformed_annotation_file_is_a_clear_error(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val.json").write_text('{"images": [}')
+    with pytest.raises(detect.UserError, match="instances_val.json: malformed"):
+        detect.load_coco(str(tmp_path), "val")
+    with pytest.raises(detect.UserError, match="no such directory"):
+        detect.load_coco(str(tmp_path / "nope"), "val")

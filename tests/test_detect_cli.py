@@ -1,0 +1,105 @@
+"""detect.py end to end as a user runs it: --tiny stages, bad input, resume, 2-process DDP.
+Run: python -m pytest -q tests/test_detect_cli.py"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_detect import write_coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, ok=True, torchrun=0):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                              if torchrun else []) + [os.path.join(ROOT, "detect.py"), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One --tiny run of every stage; its MLE checkpoint seeds the other tests."""
+    out = tmp_path_factory.mktemp("tiny")
+    p = run("--tiny", "--out_dir", out)
+    return out, p.stdout
+
+
+def test_tiny_runs_every_stage(tiny):
+    out, stdout = tiny
+    for stage in ["mle", "reward", "mle_cont"]:
+        assert os.path.exists(out / "detect" / stage / "ckpt.pt")
+        log = [json.loads(l) for l in open(out / "detect" / stage / "log.jsonl")]
+        assert any("val_AP" in r for r in log) and any("loss" in r for r in log)
+    m = json.load(open(out / "detect" / "eval" / "metrics.json"))
+    assert set(m) == {"mle", "mle_cont", "reward"}
+    assert all(0 <= r["AP"] <= 100 and r["boxes_per_image"] >= 0 for r in m.values())
+    assert "| reward |" in stdout and os.path.getsize(out / "detect" / "eval" / "grid.png") > 1000
+    res = json.load(open(out / "detect" / "eval" / "results_mle.json"))
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in res)
+
+
+def test_bad_data_dir_is_one_line_exit_2(tmp_path):
+    p = run("--data", "coco", "--data_dir", tmp_path / "missing", "--tiny", ok=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "missing" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_wrong_checkpoint_is_one_line_exit_2(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    p = run("--tiny", "--stage", "reward", "--init", tmp_path / "junk.pt", "--out_dir", tmp_path, ok=False)
+    assert p.returncode == 2 and "junk.pt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_coco_fixture_trains_and_evaluates(tmp_path):
+    for split in ["train", "val"]:
+        write_coco(tmp_path / "coco", split)
+    out = tmp_path / "out"
+    run("--data", "coco", "--data_dir", tmp_path / "coco", "--train_split", "train", "--val_split", "val",
+        "--tiny", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--out_dir", out)
+    res = json.load(open(out / "detect" / "eval" / "results_reward.json"))
+    sizes = {10: (48, 64), 11: (33, 47), 12: (40, 40), 13: (50, 30)}
+    assert {r["category_id"] for r in res} <= {1, 3, 7} and {r["image_id"] for r in res} <= set(sizes)
+    for r in res:  # boxes are in each image's original pixel coordinates
+        w, h = sizes[r["image_id"]]
+        x, y, bw, bh = r["bbox"]
+        assert -1e-6 <= x and x + bw <= w + 1e-4 and -1e-6 <= y and y + bh <= h + 1e-4
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
+    init = tiny[0] / "detect" / "mle" / "ckpt.pt"
+    common = ["--tiny", "--stage", "reward", "--init", init, "--steps", 6, "--ckpt_every", 3, "--eval_every", 0]
+    run(*common, "--out_dir", tmp_path / "a")
+    p = run(*common, "--out_dir", tmp_path / "b", "--stop_at", 5)  # killed after step 5, last checkpoint at 3
+    assert "stopping after step 5" in p.stdout
+    assert torch.load(tmp_path / "b/detect/reward/ckpt.pt", weights_only=True)["step"] == 3
+    run(*common, "--out_dir", tmp_path / "b", "--resume")
+    assert_same(weights(tmp_path / "a/detect/reward/ckpt.pt"), weights(tmp_path / "b/detect/reward/ckpt.pt"))
+
+
+def test_two_processes_equal_one_process(tiny, tmp_path):
+    init = tiny[0] / "detect" / "mle" / "ckpt.pt"
+    args = ["--tiny", "--stage", "reward", "--init", init, "--steps", 3, "--batch_size", 8, "--lr", 1e-3]
+    run(*args, "--out_dir", tmp_path / "one")
+    run(*args, "--out_dir", tmp_path / "two", torchrun=2)
+    log = [json.loads(l) for l in open(tmp_path / "two/detect/reward/log.jsonl")]
+    sums = [r["replica_checksums"] for r in log if "replica_checksums" in r][-1]
+    assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold identical weights
+    a, b = weights(tmp_path / "one/detect/reward/ckpt.pt"), weights(init)
+    assert max((a[k] - b[k]).abs().max() for k in a) > 1e-3  # the run really moved the weights
+    assert_same(a, weights(tmp_path / "two/detect/reward/ckpt.pt"), atol=2e-5)
