@@ -191,12 +191,6 @@ class ViT(nn.Module):
         super().__init__()
         d, g = c["width"], c["image_size"] // c["patch"]
         self.patch = nn.Conv2d(c["in_chans"], d, c["patch"], c["patch"])
-        if c.get("stem"):  # convolutional stem (Xiao et al. 2021): 3x3 stride-2 convs, then a 1x1 projection
-            n, ch, layers = int(math.log2(c["patch"])), c["in_chans"], []
-            for i in range(n):
-                layers += [nn.Conv2d(ch, d // 2 ** (n - i), 3, 2, 1), nn.GELU()]
-                ch = d // 2 ** (n - i)
-            self.patch = nn.Sequential(*layers, nn.Conv2d(ch, d, 1))
         # learned position embedding, started at 2D sin-cos (half the features for y, half for x):
         # a small model on little data learns where things are much sooner than from noise
         yy, xx = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
@@ -577,7 +571,7 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
     return (d <= r) & (d >= r * 0.55)  # ring
 
 
-def make_scene(rng, size, max_things=6, radius=(0.07, 0.2)):
+def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
     index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
     segments; stuff names; five paraphrased captions."""
