@@ -1,11 +1,7 @@
-"""Shared core of rewardtune: what every task script needs, and nothing more.
-
-Sections, top to bottom: errors + DDP + device | logging | ViT encoder, decoder with
-cross-attention, EncoderDecoder | sampling with a KV cache | MLE and REINFORCE losses |
-optimizer + LR schedule | checkpoints | data order | the synthetic world | picture grids.
-The method (paper Algorithms 1 and 2) is `mle_loss` and `reinforce_loss`; the task scripts
-(detect.py, panoptic.py, colorize.py, caption.py) read top to bottom and call into this file.
-"""
+"""Shared core of rewardtune: what every task script needs, and nothing more. Sections: errors, DDP, device |
+logging | ViT encoder, decoder with cross-attention | sampling with a KV cache | MLE and REINFORCE losses |
+optimizer + LR schedule | checkpoints | data order | the synthetic world | picture grids. The method (paper
+Algorithms 1 and 2) is `mle_loss` and `reinforce_loss`; task scripts read top to bottom and call into this file."""
 import json
 import math
 import os
@@ -21,11 +17,8 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # errors, DDP, device
-
-
 class UserError(Exception):
     """Bad input (path, file, flag, checkpoint): printed as one line, exit code 2."""
-
 
 def run(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
@@ -37,7 +30,6 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
         sys.exit(130)
-
 
 def ddp_setup():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
@@ -55,25 +47,13 @@ def ddp_setup():
     torch.backends.cuda.matmul.allow_tf32 = True
     return rank, world, device
 
-
 def ddp_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
 def autocast(device):
     """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-
-
-def all_reduce(t, op="sum"):
-    """Sum (or mean) a tensor over ranks; every rank must call it."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        if op == "mean":
-            t /= dist.get_world_size()
-    return t
-
 
 def replica_checksums(model):
     """Sum of all weights on every rank (a list, one per rank): equal when DDP kept replicas in sync."""
@@ -84,11 +64,8 @@ def replica_checksums(model):
     dist.all_gather(out, s)
     return [float(x) for x in out]
 
-
 # -----------------------------------------------------------------------------
 # logging: one readable line per --log_every on rank 0, and every line in log.jsonl
-
-
 class Logger:
     def __init__(self, out_dir, master, resume=False):
         self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
@@ -109,18 +86,15 @@ class Logger:
             print0(" | ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in rec.items() if k not in ("step", "time")]))
 
-
 def print0(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
-
 
 # -----------------------------------------------------------------------------
 # models: ViT encoder (pre-LN), autoregressive decoder with cross-attention
 
 # name -> (width, encoder depth, heads); the decoder depth is --dec_layers (6 in the paper)
 SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
-
 
 def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, in_chans=3):
     """'B/16' -> a plain dict (it goes into checkpoints as is); 'tiny' takes patch from the preset."""
@@ -133,7 +107,6 @@ def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, i
         raise UserError(f"--image_size {image_size} is not a multiple of the patch size {patch}")
     return dict(width=width, enc_depth=depth, dec_depth=dec_layers, heads=heads, patch=patch,
                 image_size=image_size, in_chans=in_chans, vocab=vocab, seq_len=seq_len, bos=bos)
-
 
 class Attention(nn.Module):
     def __init__(self, d, heads):
@@ -162,10 +135,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
-
 class Block(nn.Module):
     """Pre-LN block: self-attention, optional cross-attention to the encoder, MLP."""
-
     def __init__(self, d, heads, cross=False):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
@@ -178,13 +149,11 @@ class Block(nn.Module):
             x = x + self.cross(self.lnc(x), kv=mem_kv)
         return x + self.mlp(self.ln2(x))
 
-
 def sincos(values, dim):
     """(N,) positions -> (N, dim) sin-cos features (the Transformer's), RMS ~0.7."""
     freq = 1.0 / 10000 ** (torch.arange(0, dim // 2, dtype=torch.float32) / (dim // 2))
     x = values.float()[:, None] * freq[None]
     return torch.cat([x.sin(), x.cos()], 1)
-
 
 class ViT(nn.Module):
     def __init__(self, c):
@@ -193,17 +162,15 @@ class ViT(nn.Module):
         self.patch = nn.Conv2d(c["in_chans"], d, c["patch"], c["patch"])
         # learned position embedding, started at 2D sin-cos (half the features for y, half for x):
         # a small model on little data learns where things are much sooner than from noise
-        yy, xx = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-        self.pos = nn.Parameter(torch.cat([sincos(yy.flatten() * 4, d // 2), sincos(xx.flatten() * 4, d // 2)], 1)[None])
-        self.blocks = nn.ModuleList(Block(d, c["heads"]) for _ in range(c["enc_depth"]))
-        self.ln = nn.LayerNorm(d)
+        yy, xx = (t.flatten() * 4 for t in torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"))
+        self.pos = nn.Parameter(torch.cat([sincos(yy, d // 2), sincos(xx, d // 2)], 1)[None])
+        self.blocks, self.ln = nn.ModuleList(Block(d, c["heads"]) for _ in range(c["enc_depth"])), nn.LayerNorm(d)
 
     def forward(self, img):  # (B, C, H, W) -> (B, N, D)
         x = self.patch(img).flatten(2).transpose(1, 2) + self.pos
         for b in self.blocks:
             x = b(x)
         return self.ln(x)
-
 
 class Decoder(nn.Module):
     def __init__(self, c):
@@ -220,7 +187,6 @@ class Decoder(nn.Module):
         for i, b in enumerate(self.blocks):
             x = b(x, mem_kv[i], causal=True, cache=None if caches is None else caches[i], pos=pos)
         return self.head(self.ln(x))
-
 
 class EncoderDecoder(nn.Module):
     def __init__(self, cfg):
@@ -241,46 +207,38 @@ class EncoderDecoder(nn.Module):
             logits = logits.masked_fill(~allowed[: tokens.shape[1]], float("-inf"))
         return logits
 
-
 def load_timm_encoder(model, path):
     """--init_encoder: a local ViT checkpoint in timm's key naming (patch_embed, blocks.i.attn.qkv, ...)."""
     sd = torch_load(path)
-    sd = sd.get("model", sd.get("state_dict", sd))
-    enc, new = model.encoder, {}
+    sd, enc = sd.get("model", sd.get("state_dict", sd)), model.encoder
     try:
-        new["patch.weight"], new["patch.bias"] = sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"]
-        pos = sd["pos_embed"]
-        if "cls_token" in sd:  # timm keeps a class token in front; we have none
-            pos = pos[:, 1:]
+        new = {"patch.weight": sd["patch_embed.proj.weight"], "patch.bias": sd["patch_embed.proj.bias"]}
+        pos = sd["pos_embed"][:, 1:] if "cls_token" in sd else sd["pos_embed"]  # timm's class token: we have none
         if pos.shape[1] != enc.pos.shape[1]:  # other resolution: resize the position grid bilinearly
             g0, g1 = int(math.isqrt(pos.shape[1])), int(math.isqrt(enc.pos.shape[1]))
             pos = F.interpolate(pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2), (g1, g1), mode="bilinear")
             pos = pos.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)
         new["pos"] = pos
         for i in range(len(enc.blocks)):
-            t, o = f"blocks.{i}.", f"blocks.{i}."
+            p = f"blocks.{i}."
             for a, b in [("norm1", "ln1"), ("norm2", "ln2"), ("attn.proj", "attn.out"), ("mlp.fc1", "mlp.0"),
                          ("mlp.fc2", "mlp.2")]:
-                new[o + b + ".weight"], new[o + b + ".bias"] = sd[t + a + ".weight"], sd[t + a + ".bias"]
+                new[p + b + ".weight"], new[p + b + ".bias"] = sd[p + a + ".weight"], sd[p + a + ".bias"]
             for s in ("weight", "bias"):  # timm's fused qkv -> our q and kv
-                qkv = sd[t + "attn.qkv." + s]
-                new[o + "attn.q." + s], new[o + "attn.kv." + s] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
+                qkv = sd[p + "attn.qkv." + s]
+                new[p + "attn.q." + s], new[p + "attn.kv." + s] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
         enc.load_state_dict(new)
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path}: not a timm ViT matching --model ({str(e).splitlines()[0][:120]})")
 
-
 # -----------------------------------------------------------------------------
 # sampling: encoder once, cross-attention K/V once, self-attention KV cache
-
-
 def example_noise(seed, step, index, k, length):
     """Uniform noise (B, K, L) for inverse-CDF sampling, a function of (seed, step, global example
     index) only: 1 process and N processes draw the same samples for the same example."""
     return torch.stack([torch.rand(k, length, generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, step, int(i)]).generate_state(1)[0]))) for i in index])
-
 
 @torch.no_grad()
 def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noise=None, allowed=None,
@@ -288,19 +246,16 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
     """Autoregressive sampling of K sequences per image; temperature 0 = greedy.
     Returns tokens (B, K, L) and their log-probs (B, K, L) under the model at temperature 1
     (the distribution REINFORCE differentiates); positions after end_token hold pad_token, logp 0."""
-    B, dev = images.shape[0], images.device
-    N, c = B * k, model.cfg
+    B, N, dev, c = images.shape[0], images.shape[0] * k, images.device, model.cfg
     kv = model.memory_kv(images, k)
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
     logps, ended = torch.zeros(N, seq_len, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
-    hd = c["width"] // c["heads"]
-    caches = [torch.zeros(2, N, c["heads"], seq_len, hd, device=dev, dtype=kv[0][0].dtype)
+    caches = [torch.zeros(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)
               for _ in kv] if use_cache else None
     for t in range(seq_len):
-        if use_cache:
-            logits = model.decoder(tokens[:, t:t + 1], kv, caches, pos=t)[:, -1].float()
-        else:  # full recompute of the prefix: the slow reference the cache is tested against
-            logits = model.decoder(tokens[:, :t + 1], kv)[:, -1].float()
+        # without the cache: full recompute of the prefix, the slow reference the cache is tested against
+        inp, pos = (tokens[:, t:t + 1], t) if use_cache else (tokens[:, :t + 1], 0)
+        logits = model.decoder(inp, kv, caches, pos=pos)[:, -1].float()
         if allowed is not None:
             logits = logits.masked_fill(~allowed[t], float("-inf"))
         logp = logits.log_softmax(-1)  # (N, V)
@@ -312,15 +267,13 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
                 probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
             if top_p < 1.0:  # nucleus: keep the smallest top set with mass >= top_p
                 sp, si = probs.sort(-1, descending=True)
-                drop = (sp.cumsum(-1) - sp) >= top_p
-                probs = probs.scatter(-1, si, sp.masked_fill(drop, 0))
+                probs = probs.scatter(-1, si, sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0))
             cdf = probs.cumsum(-1)
             u = (noise[:, :, t].reshape(N).to(dev) if noise is not None else torch.rand(N, device=dev))
             tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         tok_logp = logp.gather(1, tok[:, None])[:, 0]
         if end_token is not None:
-            tok = tok.masked_fill(ended, pad_token)
-            tok_logp = tok_logp.masked_fill(ended, 0.0)
+            tok, tok_logp = tok.masked_fill(ended, pad_token), tok_logp.masked_fill(ended, 0.0)
             ended |= tok == end_token
         tokens[:, t + 1], logps[:, t] = tok, tok_logp
         if end_token is not None and bool(ended.all()):
@@ -328,27 +281,24 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
             break
     return tokens[:, 1:].view(B, k, seq_len), logps.view(B, k, seq_len)
 
-
 def until_end(tokens, end_token):
     """(..., L) bool: positions up to and including the first end_token (ending is an action too)."""
     is_end = (tokens == end_token).long()
     return (is_end.cumsum(-1) - is_end) == 0
 
-
 # -----------------------------------------------------------------------------
 # the two steps: MLE (paper Algorithm 1) and REINFORCE (paper Algorithm 2)
-
-
 def token_logp(logits, tokens):  # (N, L, V), (N, L) -> (N, L) log p(token)
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
 
-
 def mle_loss(model, images, tokens, weight, allowed=None):
-    """Teacher-forced cross-entropy, mean over the weighted positions. weight (B, L)."""
+    """Teacher-forced cross-entropy. weight (B, L). The loss is sum / (B * L): a fixed denominator,
+    so micro-batches and ranks average to exactly the global batch's loss (dividing by each
+    micro-batch's own token count would not). Returns (loss, {"nll": mean per weighted token})."""
     nll = -token_logp(model(images, tokens, allowed), tokens)
     nll = torch.where(weight > 0, nll, 0.0)  # padding after the end may be outside the grammar (-inf)
-    return (nll * weight).sum() / weight.sum().clamp(min=1)
-
+    s = (nll * weight).sum()
+    return s / weight.numel(), {"nll": (s / weight.sum().clamp(min=1)).item()}
 
 def baseline(r, kind):
     """r (B, K) rewards of K samples per image -> b (B, K), each b_k independent of sample k.
@@ -362,13 +312,11 @@ def baseline(r, kind):
         return r.roll(-1, dims=1)
     return (r.sum(1, keepdim=True) - r) / (K - 1)
 
-
 def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="first", allowed=None):
     """REINFORCE with a baseline: loss = -mean_i (r_i - b_i) * sum_t mask_it log p(y_it | x_i, y_i<t).
-    tokens (B, K, L) sampled without grad; rewards (B, K); mask (B, K, L) = positions that were
-    actions. grad_on 'first' trains sample 0 only (paper, big_vision), 'all' trains every sample.
-    One teacher-forced forward of fixed shape (DDP-safe). Returns loss, logits, the trained
-    samples' tokens and mask, and stats."""
+    tokens (B, K, L) sampled without grad; rewards (B, K); mask (B, K, L) = positions that were actions.
+    grad_on 'first' trains sample 0 only (paper, big_vision), 'all' every sample. One teacher-forced
+    forward of fixed shape (DDP-safe). Returns loss, logits, the trained samples' tokens and mask, stats."""
     adv = rewards - baseline(rewards, kind)
     if grad_on == "first":
         tokens, mask, adv = tokens[:, :1], mask[:, :1], adv[:, :1]
@@ -380,25 +328,20 @@ def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="fi
     return loss, logits, tokens, mask, {"adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
                                         "logp": logp.mean().item()}
 
-
 # -----------------------------------------------------------------------------
 # optimizer and LR schedule
-
-
 def make_optimizer(model, name, lr, wd, enc_lr_mult):
     """AdamW or torch.optim.Adafactor; no weight decay on biases, norms, embeddings; encoder at lr x mult."""
     groups = {}
     for n, p in model.named_parameters():
         enc, decay = n.startswith("encoder."), p.ndim >= 2 and not n.endswith(("pos", "tok.weight"))
-        g = groups.setdefault((enc, decay), {"params": [], "lr_mult": enc_lr_mult if enc else 1.0,
-                                             "weight_decay": wd if decay else 0.0})
-        g["params"].append(p)
+        groups.setdefault((enc, decay), {"params": [], "lr_mult": enc_lr_mult if enc else 1.0,
+                                         "weight_decay": wd if decay else 0.0})["params"].append(p)
     if name == "adamw":
         return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.95))
     if name == "adafactor":
         return torch.optim.Adafactor(list(groups.values()), lr=lr)
     raise UserError(f"--optimizer {name}: choose adamw or adafactor")
-
 
 def lr_at(step, base, warmup, total, schedule):
     """Linear warmup, then constant (reward tuning) or cosine to zero (MLE)."""
@@ -408,22 +351,16 @@ def lr_at(step, base, warmup, total, schedule):
         return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return base
 
-
 def set_lr(opt, lr):
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
 
-
 # -----------------------------------------------------------------------------
 # checkpoints: one dict from the raw model, written atomically, loaded with weights_only
-
-
 def save_ckpt(path, **obj):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
-
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 def torch_load(path):
     if not os.path.isfile(path):
@@ -433,7 +370,6 @@ def torch_load(path):
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
 
-
 def load_ckpt(path, task):
     ck = torch_load(path)
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
@@ -441,7 +377,6 @@ def load_ckpt(path, task):
     if ck.get("task") != task:
         raise UserError(f"{path}: a checkpoint of task '{ck.get('task')}', not '{task}'")
     return ck
-
 
 def build_model(cfg, device, state=None, path="checkpoint"):
     model = EncoderDecoder(cfg)
@@ -451,7 +386,6 @@ def build_model(cfg, device, state=None, path="checkpoint"):
         except RuntimeError as e:
             raise UserError(f"{path}: weights do not fit the model ({str(e).splitlines()[1].strip()[:120]})")
     return model.to(device)
-
 
 def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
@@ -468,14 +402,13 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         opt.load_state_dict(opt_state)
     model = torch.compile(raw) if args.compile else raw
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if str(device).startswith("cuda") else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if str(device).startswith("cuda") else None)
     return raw, model, opt, start, path, meta
-
 
 def save_stage(path, task, raw, opt, step, args, meta):
     save_ckpt(path, task=task, model=raw.state_dict(), optimizer=opt.state_dict(), step=step,
               config=raw.cfg, meta=meta, args=vars(args))
-
 
 def train_step(model, opt, args, micro_losses, world):
     """Gradient accumulation over micro-batches (no DDP sync until the last), clip, step.
@@ -494,49 +427,45 @@ def train_step(model, opt, args, micro_losses, world):
     opt.step()
     opt.zero_grad(set_to_none=True)
     keys = sorted(stats)
-    vals = all_reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64), "mean")
+    vals = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    if dist.is_initialized():  # mean over ranks: every rank must get here
+        dist.all_reduce(vals)
+        vals /= dist.get_world_size()
     if not torch.isfinite(vals).all():
         raise UserError(f"non-finite training statistics {dict(zip(keys, vals.tolist()))}: lower --lr; "
                         "the last checkpoint is intact (--resume)")
     return dict(zip(keys, vals.tolist()))
 
-
 # -----------------------------------------------------------------------------
 # data order: a function of (seed, step) only, so runs resume exactly and do not depend on world size
-
-
 def step_indices(n, global_batch, seed, step):
     """Global batch of dataset indices for a step (with replacement across steps)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.randint(n, (global_batch,), generator=g)
 
-
 class StepSampler:
     """DataLoader batch_sampler: this rank's contiguous slice of every step's global batch, for
     steps start..steps-1. Example j of rank r sits at global position r * (batch / world) + j."""
-
     def __init__(self, n, global_batch, seed, start, steps, rank, world):
         if global_batch % world:
             raise UserError(f"--batch_size {global_batch} is not divisible by {world} processes")
         b = global_batch // world
-        self.args, self.range, self.slice = (n, global_batch, seed), range(start, steps), slice(rank * b, (rank + 1) * b)
+        self.args, self.range = (n, global_batch, seed), range(start, steps)
+        self.slice = slice(rank * b, (rank + 1) * b)
 
     def __len__(self):
         return len(self.range)
 
     def __iter__(self):
         for step in self.range:
-            yield step_indices(*self.args[:2], self.args[2], step)[self.slice].tolist()
-
+            yield step_indices(*self.args, step)[self.slice].tolist()
 
 # -----------------------------------------------------------------------------
 # the synthetic world: procedural scenes, deterministic by seed, with every annotation the tasks use
-
 THINGS = ["square", "circle", "triangle", "star", "ring"]
 STUFF = ["sky", "wall", "grass", "water", "sand"]  # first two go on top, last three at the bottom
 CATEGORIES = [dict(id=i + 1, name=n, isthing=1) for i, n in enumerate(THINGS)] + \
              [dict(id=len(THINGS) + i + 1, name=n, isthing=0) for i, n in enumerate(STUFF)]
-
 
 def lab_to_srgb(L, a, b):
     """CIE Lab (D65) -> sRGB in [0, 1] (numpy, clipped)."""
@@ -546,7 +475,6 @@ def lab_to_srgb(L, a, b):
     lin = xyz @ np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]).T
     return np.clip(np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.abs(lin) ** (1 / 2.4) - 0.055), 0, 1)
 
-
 # Thing colours share one lightness (L*=62): in gray they all look alike, so an object's hue
 # cannot be read from its gray level (colorization must guess, as on real photos).
 HUES = {"red": 30, "orange": 65, "yellow": 95, "green": 140, "teal": 195, "blue": 265, "purple": 320}
@@ -555,7 +483,6 @@ COLORS = {n: lab_to_srgb(62.0, 42 * math.cos(math.radians(h)), 42 * math.sin(mat
 STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.30, 0.55, 0.25),
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six"]
-
 
 def _shape_mask(kind, yy, xx, cy, cx, r):
     dy, dx = yy - cy, xx - cx
@@ -570,7 +497,6 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
         return d <= r * (0.6 + 0.4 * np.cos(5 * np.arctan2(dy, dx)))
     return (d <= r) & (d >= r * 0.55)  # ring
 
-
 def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
     index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
@@ -578,23 +504,18 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     top, bottom = rng.choice(STUFF[:2]), rng.choice(STUFF[2:])
     horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xx / size * rng.uniform(2, 6) + rng.uniform(0, 6))
-    stuff = [(top, yy < horizon), (bottom, yy >= horizon)]
-    img = np.zeros((size, size, 3), np.float32)
-    seg = np.zeros((size, size), np.int32)
-    segments = []
-    for name, m in stuff:
+    img, seg, segments = np.zeros((size, size, 3), np.float32), np.zeros((size, size), np.int32), []
+    for name, m in [(top, yy < horizon), (bottom, yy >= horizon)]:
         img[m] = np.array(STUFF_RGB[name]) + rng.normal(0, 0.03, 3)
         seg[m] = len(segments) + 1
         segments.append(dict(id=len(segments) + 1, category_id=len(THINGS) + STUFF.index(name) + 1, iscrowd=0))
     things = []
     for _ in range(rng.integers(1, max_things + 1)):
         for _attempt in range(20):  # rejection: every thing keeps most of its area visible
-            kind, color = rng.choice(THINGS), rng.choice(list(COLORS))
-            r = size * rng.uniform(*radius)
+            kind, color, r = rng.choice(THINGS), rng.choice(list(COLORS)), size * rng.uniform(*radius)
             cy, cx = rng.uniform(r, size - r, 2)
             m = _shape_mask(kind, yy, xx, cy, cx, r)
-            others = [t for t in things if (t["mask"] & ~m).sum() < 0.6 * t["mask"].sum()]
-            if m.sum() >= 12 and not others:
+            if m.sum() >= 12 and not any((t["mask"] & ~m).sum() < 0.6 * t["mask"].sum() for t in things):
                 break
         else:
             continue
@@ -609,15 +530,13 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
         t["area"] = int(t["mask"].sum())
         seg[t["mask"]] = len(segments) + 1
         segments.append(dict(id=len(segments) + 1, category_id=t["label"] + 1, iscrowd=0))
+    segments = [s for s in segments if (seg == s["id"]).any()]  # stuff may be hidden entirely
     for s in segments:
         ys, xs = np.nonzero(seg == s["id"])
         s["area"] = int(len(ys))
-        s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] \
-            if len(ys) else [0, 0, 0, 0]
-    segments = [s for s in segments if s["area"] > 0]
+        s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
     return dict(image=(img * 255).round().astype(np.uint8), things=things, panoptic=seg, segments=segments,
                 stuff=[top, bottom], captions=make_captions(rng, things, top, bottom, size))
-
 
 def make_captions(rng, things, top, bottom, size):
     """Five references that name colours, shapes, counts and spatial relations, in different words."""
@@ -625,6 +544,7 @@ def make_captions(rng, things, top, bottom, size):
     for t in things:
         groups.setdefault((t["color"], t["name"]), []).append(t)
     a = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
+    an = lambda t: f"{a(t['color'])} {t['color']} {t['name']}"  # noqa: E731
     phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}"
                for (c, s), v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
     listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -635,16 +555,14 @@ def make_captions(rng, things, top, bottom, size):
     caps = [f"{listing} on the {bottom} under the {top}",
             f"a picture of {listing} in front of the {top}",
             f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''} on the {bottom}",
-            (f"{a(left['color'])} {left['color']} {left['name']} to the left of {a(right['color'])} {right['color']} {right['name']}"
-             if n > 1 else f"a single {left['color']} {left['name']} on the {bottom}"),
+            f"{an(left)} to the left of {an(right)}" if n > 1 else
+            f"a single {left['color']} {left['name']} on the {bottom}",
             f"{' and '.join(s + 's' for s in shapes)} above the {bottom}" if n > 1 else
             f"one {left['name']} and the {top}"]
     return [caps[i] for i in rng.permutation(len(caps))]
 
-
 class SyntheticWorld:
     """n scenes of one split, generated once and kept in memory; split seeds never collide."""
-
     def __init__(self, split, n, size, seed=0):
         sid = {"train": 1, "val": 2}[split]
         self.scenes = [make_scene(np.random.default_rng([seed, sid, i]), size) for i in range(n)]
@@ -655,11 +573,8 @@ class SyntheticWorld:
     def __getitem__(self, i):
         return self.scenes[i]
 
-
 # -----------------------------------------------------------------------------
 # pictures: a grid of labelled panels (every eval writes one)
-
-
 def save_grid(rows, titles, path, scale=4):
     """rows: list of lists of PIL images of one size; titles: one per column."""
     from PIL import Image, ImageDraw

@@ -116,14 +116,17 @@ def decode(tokens, num_classes):
     return boxes, (t[..., 4] - CLS0).clamp(0, num_classes - 1), t[..., 5] > 0
 
 
-def grammar(max_boxes, num_classes):
+def grammar(max_boxes, num_classes, conf=(1, 2)):
     """allowed (L, V): slot 0 a coordinate or the end token, slots 1-3 coordinates, slot 4 a class,
-    slot 5 a confidence 1 or 2. Sampling and teacher forcing use the same mask."""
+    slot 5 a confidence in conf. Training reads the confidence as a distribution over {1, 2}; when
+    sampling, conf=(2,) writes the constant 2 ("a box", as in the ground truth): a sampled 1 fed
+    back as context would be a token the MLE model never saw after a box, and derails the rest
+    of the sequence (we saw tuning collapse that way). Coordinates and classes are the same."""
     a = torch.zeros(6, CLS0 + num_classes + 1, dtype=torch.bool)
     a[:4, COORD0:COORD0 + LEVELS + 1] = True
     a[0, CONF0] = True
     a[4, CLS0:CLS0 + num_classes] = True
-    a[5, 1:3] = True
+    a[5, list(conf)] = True
     return a.repeat(max_boxes, 1)
 
 
@@ -294,7 +297,7 @@ def conf_loss(logits, tokens, match_iou, num_classes):
     lp = logits[:, 5::6].float().log_softmax(-1)  # (N, P, V); masked to tokens 1 and 2
     valid = decode(tokens, num_classes)[2]
     ce = -((1 - match_iou) * lp[..., 1] + match_iou * lp[..., 2])
-    return (ce * valid).sum() / valid.sum().clamp(min=1)
+    return (ce * valid).sum() / valid.numel()  # fixed denominator: equal under any DDP split
 
 
 # -----------------------------------------------------------------------------
@@ -309,22 +312,24 @@ def to_xywh(box, item):
 @torch.no_grad()
 def predict(model, ds, meta, device, n_images, batch_size=128):
     """Greedy decoding -> COCO results, mean reward of the greedy prediction, boxes per image.
-    Score of a box = p(class token) x expected IoU from its confidence token, P2 / (P1 + P2)."""
+    Score of a box = p(class token) x expected IoU, P(conf 2) of the slot-5 distribution over {1, 2}
+    (read by one teacher-forced pass over the greedy sequence; the sampled slot holds the constant 2)."""
     model.eval()
     nc, L = len(meta["classes"]), meta["max_boxes"] * 6
-    allowed = grammar(meta["max_boxes"], nc).to(device)
+    allowed, read = grammar(meta["max_boxes"], nc, (2,)).to(device), grammar(meta["max_boxes"], nc).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
                                          batch_size=batch_size, collate_fn=collate)
     results, rewards, nboxes, tokens_all = [], [], [], []
     for idx, imgs, boxes, labels in loader:
-        tok, logp = common.sample(model, imgs.to(device), L, temperature=0, allowed=allowed, end_token=0)
+        imgs = imgs.to(device)
+        tok, logp = common.sample(model, imgs, L, temperature=0, allowed=allowed, end_token=0)
         gb, gl = gt_arrays(boxes, labels, meta["max_boxes"])
         batch = dict(gt_boxes=gb.to(device), gt_labels=gl.to(device), class_weights=meta["class_weights"])
         rewards.append(REWARDS[meta["reward"]](tok, batch)[0][:, 0].cpu())
-        tok, lp = tok[:, 0].cpu(), logp[:, 0].cpu().view(len(idx), -1, 6).exp()
+        tok, p = tok[:, 0], logp[:, 0].view(len(idx), -1, 6).exp()  # p: (B, P, 6) probs of the greedy tokens
+        p2 = model(imgs, tok, read)[:, 5::6].float().softmax(-1)[..., 2]  # P(conf 2) = expected IoU, (B, P)
+        tok, score = tok.cpu(), (p[..., 4] * p2).cpu()
         pb, pl, pv = decode(tok, nc)
-        p2 = torch.where(tok.view(len(idx), -1, 6)[..., 5] == 2, lp[..., 5], 1 - lp[..., 5])
-        score = lp[..., 4] * p2
         for j, i in enumerate(idx.tolist()):
             it = ds.items[i]
             for b, c, s in zip(pb[j][pv[j]].tolist(), pl[j][pv[j]].tolist(), score[j][pv[j]].tolist()):
@@ -391,7 +396,7 @@ def train(args, stage):
                                                                                      cfg["width"]).to(device)
         if args.init_encoder:
             common.load_timm_encoder(raw, args.init_encoder)
-    allowed = grammar(args.max_boxes, nc).to(device)
+    allowed, sample_allowed = grammar(args.max_boxes, nc).to(device), grammar(args.max_boxes, nc, (2,)).to(device)
     log = common.Logger(os.path.dirname(path), master, resume=start > 0)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
                   f"images, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
@@ -412,7 +417,7 @@ def train(args, stage):
             tok = torch.stack([encode(bx, lb, args.max_boxes, g) for bx, lb, g in zip(boxes[s], labels[s], gens)])
             tok = tok.to(device)
             with common.autocast(device):
-                return common.mle_loss(model, imgs[s], tok, common.until_end(tok, 0).float(), allowed), {}
+                return common.mle_loss(model, imgs[s], tok, common.until_end(tok, 0).float(), allowed)
 
         def reward_micro(s):
             gb, gl = gt_arrays(boxes[s], labels[s], args.max_boxes)
@@ -420,7 +425,7 @@ def train(args, stage):
             noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
             with common.autocast(device):
                 tok, _ = common.sample(raw, imgs[s], L, args.samples, args.temperature, noise=noise,
-                                       allowed=allowed, end_token=0)
+                                       allowed=sample_allowed, end_token=0)
             r, aux = REWARDS[args.reward](tok, batch)
             mask = common.until_end(tok, 0)
             mask[..., 5::6] = False  # confidence tokens learn from conf_loss, not from the reward

@@ -56,7 +56,7 @@ batch = dict(gt_boxes=gb, gt_labels=gl, class_weights=[1.0] * 5)
 
 
 def mle_step():
-    common.mle_loss(m, imgs, gt, common.until_end(gt, 0).float(), allowed).backward()
+    common.mle_loss(m, imgs, gt, common.until_end(gt, 0).float(), allowed)[0].backward()
     opt.step()
     opt.zero_grad()
 
