@@ -139,10 +139,10 @@ def load_synthetic(split, n, size, seed):
         items.append(dict(id=i, image=s["image"], w=size, h=size, labels=[t["label"] for t in s["things"]],
                           boxes=b[:, [1, 0, 3, 2]] / size))
         gt["images"].append(dict(id=i, width=size, height=size))
-        gt["annotations"] += [dict(id=len(gt["annotations"]) + 1, image_id=i, category_id=t["label"] + 1,
+        gt["annotations"] += [dict(id=len(gt["annotations"]) + j + 1, image_id=i, category_id=t["label"] + 1,
                                    bbox=[float(t["box"][0]), float(t["box"][1]), float(t["box"][2] - t["box"][0]),
                                          float(t["box"][3] - t["box"][1])], area=t["area"], iscrowd=0)
-                              for t in s["things"]]
+                              for j, t in enumerate(s["things"])]
     return items, gt
 
 
