@@ -379,7 +379,8 @@ def setup(args):
 
 def train(args, stage):
     """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on the ground
-    truth in random object order. Reward: sample K box sets, score, REINFORCE + confidence loss."""
+    truth in random object order (confidence slots excluded). Reward: sample K box sets, score,
+    REINFORCE on coordinates, classes and the end decision + the confidence-to-IoU loss."""
     rank, world, device, tr, va, gt, meta = setup(args)
     nc, L, master = len(meta["classes"]), args.max_boxes * 6, rank == 0
     init = args.init or (os.path.join(args.out_dir, "detect", "mle", "ckpt.pt") if stage != "mle" else "")
@@ -416,8 +417,11 @@ def train(args, stage):
             gens = [torch.Generator().manual_seed(args.seed * 7919 + step * 4099 + int(i)) for i in pos[s]]
             tok = torch.stack([encode(bx, lb, args.max_boxes, g) for bx, lb, g in zip(boxes[s], labels[s], gens)])
             tok = tok.to(device)
+            w = common.until_end(tok, 0).float()
+            w[:, 5::6] = 0  # the GT's confidence is a constant 2: learning it would only teach P(2) = 1,
+            # a false certainty the reward stage's IoU targets then fight with huge gradients
             with common.autocast(device):
-                return common.mle_loss(model, imgs[s], tok, common.until_end(tok, 0).float(), allowed)
+                return common.mle_loss(model, imgs[s], tok, w, allowed)
 
         def reward_micro(s):
             gb, gl = gt_arrays(boxes[s], labels[s], args.max_boxes)
