@@ -294,11 +294,11 @@ def token_logp(logits, tokens):  # (N, L, V), (N, L) -> (N, L) log p(token)
 def mle_loss(model, images, tokens, weight, allowed=None):
     """Teacher-forced cross-entropy. weight (B, L). The loss is sum / (B * L): a fixed denominator,
     so micro-batches and ranks average to exactly the global batch's loss (dividing by each
-    micro-batch's own token count would not). Returns (loss, {"nll": mean per weighted token})."""
-    nll = -token_logp(model(images, tokens, allowed), tokens)
-    nll = torch.where(weight > 0, nll, 0.0)  # padding after the end may be outside the grammar (-inf)
+    micro-batch's own token count would not). Returns loss, logits, {"nll": mean per weighted token}."""
+    logits = model(images, tokens, allowed)
+    nll = torch.where(weight > 0, -token_logp(logits, tokens), 0.0)  # after the end: maybe off-grammar
     s = (nll * weight).sum()
-    return s / weight.numel(), {"nll": (s / weight.sum().clamp(min=1)).item()}
+    return s / weight.numel(), logits, {"nll": (s / weight.sum().clamp(min=1)).item()}
 
 def baseline(r, kind):
     """r (B, K) rewards of K samples per image -> b (B, K), each b_k independent of sample k.

@@ -386,7 +386,8 @@ def train(args, stage):
     init = args.init or (os.path.join(args.out_dir, "detect", "mle", "ckpt.pt") if stage != "mle" else "")
     if init:
         ck = common.load_ckpt(init, "detect")
-        cfg, state, meta = ck["config"], ck["model"], dict(ck["meta"], reward=args.reward)
+        cfg, state = ck["config"], ck["model"]  # prior: training steps behind the starting point
+        meta = dict(ck["meta"], reward=args.reward, prior=ck["meta"].get("prior", 0) + ck["step"])
     else:
         cfg, state = common.model_config(args.model, args.image_size, CLS0 + nc + 1, L, CLS0 + nc,
                                          args.dec_layers, args.patch), None
@@ -418,10 +419,13 @@ def train(args, stage):
             tok = torch.stack([encode(bx, lb, args.max_boxes, g) for bx, lb, g in zip(boxes[s], labels[s], gens)])
             tok = tok.to(device)
             w = common.until_end(tok, 0).float()
-            w[:, 5::6] = 0  # the GT's confidence is a constant 2: learning it would only teach P(2) = 1,
-            # a false certainty the reward stage's IoU targets then fight with huge gradients
+            w[:, 5::6] = 0  # the GT's confidence is a constant 2: learning it would teach P(2) = 1, a false
+            # certainty (huge gradients once the reward stage asks for IoUs); MLE knows no IoU, so it learns
+            # (0.5, 0.5): scores rank by p(class) as in Pix2seq, and conf_loss starts at ln 2
             with common.autocast(device):
-                return common.mle_loss(model, imgs[s], tok, w, allowed)
+                loss, logits, st = common.mle_loss(model, imgs[s], tok, w, allowed)
+                lc = conf_loss(logits, tok, torch.full(w[:, 5::6].shape, 0.5, device=device), nc)
+            return loss + lc, dict(st, conf_loss=lc.item())
 
         def reward_micro(s):
             gb, gl = gt_arrays(boxes[s], labels[s], args.max_boxes)
@@ -488,7 +492,8 @@ def evaluate(args):
         ck = common.load_ckpt(path, "detect")
         model = common.build_model(ck["config"], device, ck["model"], path)
         m, res, _ = evaluate_model(model, va, gt, dict(ck["meta"], reward=args.reward), device, args.eval_images)
-        rows[name], preds[name] = dict(m, steps=ck["step"]), res
+        prior = ck["meta"].get("prior", 0)  # e.g. reward: "2500+300" = MLE steps + this stage's
+        rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
         with open(os.path.join(out, f"results_{name}.json"), "w") as f:
             json.dump(res, f)
     if not rows:
