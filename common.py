@@ -313,7 +313,8 @@ def baseline(r, kind):
     return (r.sum(1, keepdim=True) - r) / (K - 1)
 
 def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="first", allowed=None):
-    """REINFORCE with a baseline: loss = -mean_i (r_i - b_i) * sum_t mask_it log p(y_it | x_i, y_i<t).
+    """REINFORCE with a baseline: loss = -mean_i (r_i - b_i) * sum_t mask_it log p(y_it | x_i, y_i<t) / L,
+    the authors' scale (mean over all L positions): a task's auxiliary losses keep their weight's meaning.
     tokens (B, K, L) sampled without grad; rewards (B, K); mask (B, K, L) = positions that were actions.
     grad_on 'first' trains sample 0 only (paper, big_vision), 'all' every sample. One teacher-forced
     forward of fixed shape (DDP-safe). Returns loss, logits, the trained samples' tokens and mask, stats."""
@@ -324,7 +325,7 @@ def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="fi
     tokens, mask = tokens.reshape(B * K, L), mask.reshape(B * K, L)
     logits = model(images, tokens, allowed)
     logp = torch.where(mask, token_logp(logits, tokens), 0.0).sum(-1)  # (B*K,)
-    loss = -(adv.reshape(-1).detach() * logp).mean()
+    loss = -(adv.reshape(-1).detach() * logp).mean() / L
     return loss, logits, tokens, mask, {"adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
                                         "logp": logp.mean().item()}
 

@@ -34,7 +34,7 @@ from common import UserError
 
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
-                      mle_steps=3600, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=600, reward_lr=1e-4,
+                      mle_steps=2400, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
                       reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=1280, max_boxes=100, batch_size=256,
