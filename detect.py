@@ -6,13 +6,14 @@ of those that score above a baseline on the authors' reward: class-weighted matc
 over IoU thresholds 0.50:0.05:0.95 minus 0.3 x duplicates, plus a loss that teaches each box's
 confidence token its IoU, which ranks the boxes for mAP.
 
-    python detect.py                    # all stages on the synthetic world (2 CPU cores: ~20 min)
+    python detect.py                    # all stages on the synthetic world (2 CPU cores: 26 min)
     python detect.py --tiny             # every stage in about a minute (smoke test)
     python detect.py --stage mle|reward|mle_cont|eval
     torchrun --nproc_per_node=8 detect.py --stage reward --data coco --data_dir /data/coco
 
-Expected on the synthetic world (README, results/detect/): the reward-tuned model beats the MLE
-model by >10 mAP and >10 AR@100 points on held-out scenes (paper on COCO: 39.2 -> 54.3 mAP).
+Measured on the synthetic world (README, results/detect/): MLE 4.4 AP / 12.5 AR@100, MLE continued
+5.9 / 13.4, reward-tuned 2.8 / 10.6: the paper's gain (COCO: 39.2 -> 54.3 mAP, 54.4 -> 67.2 AR@100)
+is not reproduced yet at this budget; the README says what we know about why.
 """
 import argparse
 import contextlib
@@ -506,7 +507,7 @@ def evaluate(args):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
-    # picture: ground truth, then each model's boxes with score > 0.3
+    # picture: ground truth, then every box each model predicts, labelled with class and score
     grid = []
     for i in range(min(8, len(va))):
         it = va.items[i]
@@ -515,8 +516,8 @@ def evaluate(args):
         row = [draw(it, args.image_size, gtb, "lime")]
         for name, res in preds.items():
             bx = [(r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3],
-                   meta["classes"][meta["cat_ids"].index(r["category_id"])]) for r in res
-                  if r["image_id"] == it["id"] and r["score"] > 0.3]
+                   f"{meta['classes'][meta['cat_ids'].index(r['category_id'])]} {r['score']:.2f}") for r in res
+                  if r["image_id"] == it["id"]]
             row.append(draw(it, args.image_size, bx, "red"))
         grid.append(row)
     common.save_grid(grid, ["ground truth"] + list(preds), os.path.join(out, "grid.png"), scale=1)
