@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
 # errors, DDP, device
@@ -344,15 +345,11 @@ def make_optimizer(model, name, lr, wd, enc_lr_mult):
         return torch.optim.Adafactor(list(groups.values()), lr=lr)
     raise UserError(f"--optimizer {name}: choose adamw or adafactor")
 
-def lr_at(step, base, warmup, total, schedule):
-    """Linear warmup, then constant (reward tuning) or cosine to zero (MLE)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "cosine":
-        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return base
-
-def set_lr(opt, lr):
+def set_lr(opt, step, base, warmup, total, schedule):
+    """Linear warmup, then constant (reward tuning) or cosine to zero (MLE); each group at base x lr_mult."""
+    lr = base * (step + 1) / warmup if step < warmup else base
+    if step >= warmup and schedule == "cosine":
+        lr = base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
 
@@ -438,7 +435,7 @@ def train_step(model, opt, args, micro_losses, world):
     return dict(zip(keys, vals.tolist()))
 
 # -----------------------------------------------------------------------------
-# data order: a function of (seed, step) only, so runs resume exactly and do not depend on world size
+# data: the order is a function of (seed, step) only (runs resume exactly, any world size); readable files
 def step_indices(n, global_batch, seed, step):
     """Global batch of dataset indices for a step (with replacement across steps)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -460,6 +457,20 @@ class StepSampler:
     def __iter__(self):
         for step in self.range:
             yield step_indices(*self.args, step)[self.slice].tolist()
+
+def readable(items, what):
+    """Real data: drop items whose image file does not decode, with a count (not fatal in a large dataset)."""
+    def decodes(it):
+        try:
+            return "file" not in it or Image.open(it["file"]).verify() is None
+        except Exception:
+            return False
+    ok = [it for it in items if decodes(it)]
+    if len(ok) < len(items):
+        print0(f"warning: {what}: skipped {len(items) - len(ok)} unreadable images of {len(items)}")
+    if not ok:
+        raise UserError(f"{what}: no readable images")
+    return ok
 
 # -----------------------------------------------------------------------------
 # the synthetic world: procedural scenes, deterministic by seed, with every annotation the tasks use
@@ -578,7 +589,6 @@ class SyntheticWorld:
 # pictures: a grid of labelled panels (every eval writes one)
 def save_grid(rows, titles, path, scale=4):
     """rows: list of lists of PIL images of one size; titles: one per column."""
-    from PIL import Image, ImageDraw
     w, h = rows[0][0].width * scale, rows[0][0].height * scale
     grid = Image.new("RGB", (w * len(titles), 14 + h * len(rows)), "white")
     d = ImageDraw.Draw(grid)

@@ -191,23 +191,6 @@ class Boxes(torch.utils.data.Dataset):
             torch.tensor(it["labels"], dtype=torch.long)
 
 
-def readable(items, what):
-    """Drop items whose image file cannot be decoded, with a count (not fatal in a large dataset)."""
-    ok = []
-    for it in items:
-        try:
-            if "file" in it:
-                Image.open(it["file"]).verify()
-            ok.append(it)
-        except Exception:
-            pass
-    if len(ok) < len(items):
-        common.print0(f"warning: {what}: skipped {len(items) - len(ok)} unreadable images of {len(items)}")
-    if not ok:
-        raise UserError(f"{what}: no readable images")
-    return ok
-
-
 def load_data(args):
     """-> train items, val items, val GT dict, class names, COCO category ids."""
     if args.data == "synthetic":
@@ -216,7 +199,7 @@ def load_data(args):
         return tr, va, gt, list(common.THINGS), list(range(1, len(common.THINGS) + 1))
     tr, _, names, cats = load_coco(args.data_dir, args.train_split)
     va, gt, _, _ = load_coco(args.data_dir, args.val_split)
-    return readable(tr, args.train_split), readable(va, args.val_split), gt, names, cats
+    return common.readable(tr, args.train_split), common.readable(va, args.val_split), gt, names, cats
 
 
 def collate(batch):
@@ -410,8 +393,7 @@ def train(args, stage):
     t0 = time.time()
     for step, (idx, imgs, boxes, labels) in enumerate(tqdm(loader, disable=not master, initial=start,
                                                            total=args.steps, desc=stage), start):
-        common.set_lr(opt, common.lr_at(step, args.lr, args.warmup, args.steps,
-                                        "constant" if stage == "reward" else "cosine"))
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
         pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
         imgs = imgs.to(device)
 

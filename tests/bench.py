@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import caption  # noqa: E402
 import detect  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -85,6 +86,27 @@ rows.append((f"detect reward (map): {B * K} samples x {S} boxes", f"{B * K / t_r
 rows.append((f"detect reward step K={K} (sample {t_sample * 1e3:.0f} + reward {t_reward * 1e3:.0f} + fwd/bwd "
              f"{t_fb * 1e3:.0f} ms) vs MLE step {t_mle * 1e3:.0f} ms", f"{t_step / t_mle:.2f}x", "<= 3x",
              "yes" if t_step / t_mle <= 3 else "NO"))
+# 3. the CIDEr-D reward (token ids, references once per image) vs pycocoevalcap on the same captions
+B, K = args.batch, 8
+items = caption.load_synthetic("val", B, 64, 0)
+vocab = caption.build_vocab(items, 1)
+stoi = {w: i for i, w in enumerate(vocab)}
+refs = [[caption.encode(caption.tokenize(r), stoi, 20).tolist() for r in it["refs"]] for it in items]
+scorer = caption.CiderD([[t[:t.index(caption.EOS) + 1] for t in r] for r in refs], len(vocab))
+rt, nref = caption.ref_batch(items, torch.arange(B), stoi, 20)
+hyp = torch.randint(4, len(vocab), (B, K, 21))
+hyp[..., 10] = caption.EOS
+t_ours = best(lambda: caption.reward_cider(hyp, dict(cider=scorer, refs=rt, nref=nref)))
+try:
+    from pycocoevalcap.cider.cider import Cider
+    gts = {(i, k): [" ".join(caption.tokenize(r)) for r in items[i]["refs"]] for i in range(B) for k in range(K)}
+    res = {(i, k): [caption.decode(hyp[i, k], vocab)] for i in range(B) for k in range(K)}
+    t_ref = best(lambda: Cider().compute_score(gts, res))
+    measured, met = f"{B * K / t_ours:,.0f} vs {B * K / t_ref:,.0f} items/s = {t_ref / t_ours:.1f}x", t_ref / t_ours >= 10
+except ImportError:
+    measured, met = f"{B * K / t_ours:,.0f} items/s (pycocoevalcap not installed)", None
+rows.append((f"caption reward (CIDEr-D): {B} images x {K} samples x 5 refs, ours vs pycocoevalcap", measured,
+             ">= 10x", {True: "yes", False: "NO", None: "?"}[met]))
 rows.append(("peak memory (max RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", "", ""))
 
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}\n")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import detect
 
 W2 = [0.5, 1.5]  # class weights of a 2-class world (mean 1)
@@ -130,7 +131,7 @@ def test_coco_loader_and_eval_in_original_coordinates(tmp_path):
     write_coco(tmp_path, "val")
     items, gt, names, cats = detect.load_coco(str(tmp_path), "val")
     assert names == ["person", "car", "train"] and cats == [1, 3, 7]
-    items = detect.readable(items, "val")
+    items = common.readable(items, "val")
     assert [it["id"] for it in items] == [10, 11, 12, 13]  # the broken image is skipped
     it = items[1]
     assert it["labels"] == [0]  # the crowd box is not a training target

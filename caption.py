@@ -1,0 +1,545 @@
+"""Image captioning tuned with a CIDEr-D reward (paper section 4.4, Tables 3, 4, 8; Rennie et al. 2017).
+
+A ViT encoder and a word-level decoder learn to caption by MLE. Stage 2 samples K captions per image,
+scores each with CIDEr-D against the image's references, and raises the likelihood of the samples that
+beat the mean of the other K-1 (leave-one-out baseline; the paper's Table 8 uses 7 baseline samples).
+EOS is one of the n-grams, so "a red square on the" cannot collect the reward of the finished caption.
+
+    python caption.py                   # all stages on the synthetic world (2 CPU cores: see README)
+    python caption.py --tiny            # every stage in about a minute (smoke test)
+    python caption.py --stage mle|reward|mle_cont|eval
+    python caption.py --stage reward --samples 4   # Table 4 ablation: K-1 = 3 baseline samples
+    torchrun --nproc_per_node=8 caption.py --stage reward --data coco --data_dir /data/coco
+
+Measured on the synthetic world: see the README (results/caption/).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# config: one flat block; presets per data source, explicit flags override
+
+PRESETS = {
+    "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500,
+                      mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=20,
+                      reward_wd=0.0, enc_lr_mult=1.0, samples=8, eval_images=500, num_train=10000, num_val=500),
+    # the paper's Table 8 (ViT-B/16; its ImageNet-21k encoder init is --init_encoder)
+    "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=512, batch_size=256, mle_steps=5000, mle_lr=3e-4,
+                 mle_warmup=1000, mle_wd=5e-6, reward_steps=10000, reward_lr=1e-5, reward_warmup=1000, reward_wd=0.0,
+                 enc_lr_mult=0.1, samples=8, eval_images=5000, num_train=0, num_val=0),
+}
+TINY = dict(dec_layers=2, image_size=32, batch_size=8, mle_steps=30, reward_steps=10, eval_images=16, num_train=128,
+            num_val=16, mle_warmup=5, reward_warmup=2, samples=4)
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
+               help="mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE for as "
+                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
+p.add_argument("--data_dir", default="", help="COCO root: annotations/captions_<split>.json and <split>/ images")
+p.add_argument("--train_split", default="train2017", help="COCO training split (Karpathy: train = train+restval)")
+p.add_argument("--val_split", default="val2017", help="COCO held-out split (Karpathy: test or val)")
+p.add_argument("--karpathy", default="", help="Karpathy split json (dataset_coco.json) instead of captions_<split>.json")
+p.add_argument("--min_count", type=int, default=1, help="words seen fewer times in training captions become UNK")
+p.add_argument("--max_len", type=int, default=20, help="words per caption (longer references are cut), then EOS")
+p.add_argument("--out_dir", default="out", help="stages write out_dir/caption/<stage>/")
+p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
+p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
+p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (paper: 6)")
+p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 512)")
+p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
+p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
+p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset: mle_wd / reward_wd)")
+p.add_argument("--enc_lr_mult", type=float, default=None, help="encoder learning rate = lr x this (paper: 0.1)")
+p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
+p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
+p.add_argument("--samples", type=int, default=None, help="captions sampled per image in the reward stage (K)")
+p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
+               help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
+p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
+p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
+p.add_argument("--reward", default="cider", choices=["cider"], help="reward to optimize (see REWARDS)")
+p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
+p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
+p.add_argument("--compile", action="store_true", help="torch.compile the model for the training forward")
+p.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling noise")
+p.add_argument("--log_every", type=int, default=50, help="print a line every this many steps")
+p.add_argument("--eval_every", type=int, default=0, help="held-out CIDEr-D every this many steps (0: at the end)")
+p.add_argument("--ckpt_every", type=int, default=500, help="checkpoint every this many steps")
+p.add_argument("--eval_images", type=int, default=None, help="held-out images to evaluate (preset)")
+p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes (preset)")
+p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes (preset)")
+p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (COCO)")
+p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+
+# -----------------------------------------------------------------------------
+# data and token format: 0 PAD, 1 BOS, 2 EOS, 3 UNK, then words by training frequency
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+BAD_ENDINGS = {"a", "an", "the", "with", "and", "of", "on", "in", "to"}
+
+
+def tokenize(s):
+    """Lowercase, split at every non-alphanumeric character, keep the words (the COCO evaluation's
+    PTB tokenizer also drops punctuation): "Two red squares, a ring." -> [two, red, squares, a, ring]."""
+    return re.findall(r"[a-z0-9]+", s.lower())
+
+
+def build_vocab(items, min_count):
+    """Training captions -> itos: the four specials, then words seen >= min_count times, most frequent first."""
+    counts = Counter(w for it in items for r in it["refs"] for w in tokenize(r))
+    return SPECIALS + sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+
+
+def encode(words, stoi, max_len):
+    """Words -> tokens (max_len + 1,): ids, EOS, then PAD; words beyond max_len are cut."""
+    ids = [stoi.get(w, UNK) for w in words[:max_len]] + [EOS]
+    return torch.tensor(ids + [PAD] * (max_len + 1 - len(ids)))
+
+
+def decode(tokens, itos):
+    """Tokens (L,) -> the caption string, up to (not including) EOS."""
+    out = []
+    for t in tokens.tolist():
+        if t in (EOS, PAD):
+            break
+        out.append(itos[t])
+    return " ".join(out)
+
+
+def grammar(vocab_size, max_len):
+    """allowed (L, V): any word, UNK or EOS, never PAD or BOS; the last place only EOS (<= max_len words)."""
+    a = torch.ones(max_len + 1, vocab_size, dtype=torch.bool)
+    a[:, [PAD, BOS]] = False
+    a[max_len, :] = False
+    a[max_len, EOS] = True
+    return a
+
+
+def load_synthetic(split, n, size, seed):
+    world = common.SyntheticWorld(split, n, size, seed)
+    return [dict(id=i, image=s["image"], refs=s["captions"]) for i, s in enumerate(world.scenes)]
+
+
+def load_coco(args, split):
+    """captions_<split>.json (or the Karpathy json) -> items {id, file, refs}; images without captions dropped."""
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"--data_dir {args.data_dir}: no such directory")
+    path = args.karpathy or os.path.join(args.data_dir, "annotations", f"captions_{split}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (expected the COCO layout annotations/captions_<split>.json)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        if args.karpathy:  # Karpathy & Fei-Fei: train = train + restval; images under data_dir/<filepath>/
+            keep = {"train", "restval"} if split == "train" else {split}
+            items = [dict(id=im["cocoid"], file=os.path.join(args.data_dir, im.get("filepath", ""), im["filename"]),
+                          refs=[s["raw"] for s in im["sentences"]]) for im in d["images"] if im["split"] in keep]
+        else:
+            by_id = {im["id"]: dict(id=im["id"], file=os.path.join(args.data_dir, split, im["file_name"]), refs=[])
+                     for im in d["images"]}
+            for a in d["annotations"]:
+                by_id[a["image_id"]]["refs"].append(str(a["caption"]))
+            items = list(by_id.values())
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed COCO captions file ({type(e).__name__}: {str(e)[:80]})")
+    items = [it for it in items if it["refs"]]
+    if not items:
+        raise UserError(f"{path}: no captioned images in split '{split}'")
+    return items
+
+
+class Images(torch.utils.data.Dataset):
+    """Items -> (index, image in [-1, 1] (3, S, S)); grayscale / RGBA / any size become RGB S x S."""
+
+    def __init__(self, items, size):
+        self.items, self.size = items, size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        it = self.items[i]
+        img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
+        img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
+        return i, torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
+
+
+def load_data(args):
+    if args.data == "synthetic":
+        return (load_synthetic("train", args.num_train, args.image_size, args.seed),
+                load_synthetic("val", args.num_val, args.image_size, args.seed))
+    return (common.readable(load_coco(args, args.train_split), args.train_split),
+            common.readable(load_coco(args, args.val_split), args.val_split))
+
+
+def collate(batch):
+    idx, imgs = zip(*batch)
+    return torch.tensor(idx), torch.stack(imgs)
+
+
+# -----------------------------------------------------------------------------
+# CIDEr-D, vectorized: the reward (df from training references, EOS in the n-grams) and the metric
+
+def pad(seqs, length=None):
+    """Lists of ints -> (N, length) int64, -1 outside each sequence."""
+    length = max([len(s) for s in seqs] + [1]) if length is None else length
+    out = torch.full((len(seqs), length), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s[:length], dtype=torch.long)
+    return out
+
+
+def ngrams(tok, n, base):
+    """tok (M, L) of ids in [0, base - 1), -1 = none -> (M, L-n+1) one int64 per n-gram (-1 where it leaves
+    the sequence). Digits are id + 1 in base `base`, so n-grams of different n never share a number."""
+    if tok.shape[1] < n:
+        return tok.new_full((tok.shape[0], 0), -1)
+    w = tok.unfold(1, n, 1)  # (M, L-n+1, n)
+    ids = ((w + 1) * base ** torch.arange(n, dtype=torch.long)).sum(-1)
+    return torch.where((w >= 0).all(-1), ids, -1)
+
+
+def counts(ids):
+    """ids (M, G) -> the rows sorted, and (M, G) the count of each id at its first occurrence (0 elsewhere
+    and at -1): a sparse bag of n-grams that searchsorted can look up."""
+    s = ids.sort(-1).values
+    M, G = s.shape
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    at = torch.arange(G).expand(M, G)
+    starts = torch.cat([torch.where(first, at, G)[:, 1:], torch.full((M, 1), G)], 1)
+    tf = starts.flip(1).cummin(1).values.flip(1) - at  # distance to the next run start = the run's length
+    return s, torch.where(first & (s >= 0), tf, 0)
+
+
+class CiderD:
+    """CIDEr-D (pycocoevalcap's `Cider`) of token sequences, in float64 torch. Built from the references that
+    define document frequencies: df(g) = #images whose references contain n-gram g, N = #images.
+    Weight of n-gram g in a sentence: w(g) = count(g) * (log N - log max(1, df(g))). Per n in 1..4:
+    sim_n(h, r) = sum_g min(w_h(g), w_r(g)) w_r(g) / (|w_h| |w_r|) * exp(-(l_h - l_r)^2 / (2 * 6^2)), with
+    l = number of bigrams (pycocoevalcap's length). score(h) = 10 * mean_n sum_refs sim_n / #refs."""
+
+    def __init__(self, refs, vocab_size, n=4, sigma=6.0, chunk=1024):
+        # refs: one list per image of reference token lists (ints in [0, vocab_size))
+        self.n, self.sigma, self.base = n, sigma, vocab_size + 1
+        if self.base ** n >= 2 ** 63:
+            raise ValueError(f"vocabulary of {vocab_size} words is too large for int64 {n}-gram ids")
+        self.log_n = math.log(max(1, len(refs)))
+        found = []
+        for i in range(0, len(refs), chunk):  # each image's set of reference n-grams, counted once per image
+            part = refs[i:i + chunk]
+            R = max(len(r) for r in part)
+            tok = pad([s for r in part for s in r + [[]] * (R - len(r))])
+            grams = torch.cat([ngrams(tok, k, self.base).view(len(part), -1) for k in range(1, n + 1)], 1)
+            g, tf = counts(grams)
+            found.append(g[tf > 0])
+        self.df_ids, df = torch.unique(torch.cat(found) if found else torch.zeros(0, dtype=torch.long),
+                                       return_counts=True)
+        self.df_log = df.double().log()
+
+    def vectors(self, tok):
+        """tok (M, L) -> per n (sorted ids (M, G), w (M, G): the weight at each id's first place, else 0),
+        norms (M, n), lengths (M,)."""
+        out, norms = [], []
+        for k in range(1, self.n + 1):
+            ids, tf = counts(ngrams(tok, k, self.base))
+            pos = torch.searchsorted(self.df_ids, ids).clamp(max=max(len(self.df_ids) - 1, 0))
+            hit = (self.df_ids[pos] == ids) if len(self.df_ids) else torch.zeros_like(ids, dtype=torch.bool)
+            w = tf * (self.log_n - torch.where(hit, self.df_log[pos] if len(self.df_ids) else 0.0, 0.0))
+            out.append((ids, w))
+            norms.append(w.pow(2).sum(-1).sqrt())
+        return out, torch.stack(norms, -1), ((tok >= 0).sum(-1) - 1).clamp(min=0)
+
+    def score(self, hyp, refs, img, nref):
+        """hyp (M, L) hypotheses; refs (I, R, Lr) references of I images (-1 padded); img (M,) the image of
+        each hypothesis; nref (I,) references per image -> (M,) float64. Each image's reference vectors
+        are computed once and shared by all of its hypotheses (K samples -> one reference pass)."""
+        I, R, _ = refs.shape
+        (hv, hn, hl), (rv, rn, rl) = self.vectors(hyp), self.vectors(refs.reshape(I * R, -1))
+        total = torch.zeros(len(hyp), R, dtype=torch.float64)
+        for k in range(self.n):
+            (hi, hw), (ri, rw) = hv[k], rv[k]
+            if ri.shape[1] == 0:  # sequences too short for this n
+                continue
+            ri, rw = ri.view(I, R, -1)[img], rw.view(I, R, -1)[img]  # (M, R, Gr)
+            q = hi[:, None, :].expand(-1, R, -1).contiguous()  # (M, R, Gh): look each hypothesis n-gram up
+            at = torch.searchsorted(ri, q).clamp(max=ri.shape[-1] - 1)  # in each sorted reference
+            wr = torch.where(ri.gather(-1, at) == q, rw.gather(-1, at), 0.0)  # w_r(g) of the hypothesis' g
+            num = (torch.minimum(hw[:, None, :], wr) * wr).sum(-1)
+            den = hn[:, None, k] * rn.view(I, R, -1)[img][..., k]
+            total += torch.where(den > 0, num / den.clamp(min=1e-300), num)
+        pen = torch.exp(-((hl[:, None] - rl.view(I, R)[img]).double() ** 2) / (2 * self.sigma ** 2))
+        return 10 * (total * pen).sum(-1) / self.n / nref[img].double()
+
+
+def cider_d(gts, res):
+    """pycocoevalcap `Cider().compute_score(gts, res)`: gts {image: [reference strings]}, res {image: [one
+    hypothesis]} -> (corpus score, per-image scores (numpy, in gts order)). Words are whitespace-separated,
+    as there (tokenize first); document frequencies come from this set's references."""
+    if gts.keys() != res.keys():
+        raise ValueError("gts and res must have the same image ids")
+    words = {}
+    enc = lambda s: [words.setdefault(w, len(words)) for w in s.split()]  # noqa: E731
+    ids = list(gts)
+    refs, hyps = [[enc(r) for r in gts[i]] for i in ids], [enc(res[i][0]) for i in ids]
+    scorer, scores = CiderD(refs, max(len(words), 1)), []
+    for a in range(0, len(ids), 256):
+        part = refs[a:a + 256]
+        R = max(len(r) for r in part)
+        rt = pad([s for r in part for s in r + [[]] * (R - len(r))]).view(len(part), R, -1)
+        scores.append(scorer.score(pad(hyps[a:a + 256]), rt, torch.arange(len(part)),
+                                   torch.tensor([len(r) for r in part])))
+    scores = torch.cat(scores).numpy() if scores else np.zeros(0)
+    return float(np.mean(scores)), scores
+
+
+def reward_cider(pred, batch):
+    """CIDEr-D reward of each sample, EOS included as a word (sample and references): r = 10 * mean_n
+    mean_refs sum_g min(w_h, w_r) w_r / (|w_h| |w_r|) x exp(-(l_h - l_r)^2 / 72), w from training df.
+    pred (B, K, L) -> r (B, K)."""
+    B, K, L = pred.shape
+    hyp = torch.where(common.until_end(pred, EOS) & (pred != PAD), pred, -1).view(B * K, L).cpu()
+    r = batch["cider"].score(hyp, batch["refs"], torch.arange(B).repeat_interleave(K), batch["nref"])
+    ended = (pred == EOS).any(-1).float()
+    return r.view(B, K).float().to(pred.device), dict(length=((hyp >= 0).sum(-1).float() - 1).mean(),
+                                                      ended=ended.mean())
+
+
+REWARDS = {"cider": reward_cider}
+
+
+def ref_batch(items, idx, stoi, max_len):
+    """References of the images idx, as the reward reads them: (B, R, max_len + 1) tokens incl. EOS, -1 padded."""
+    refs = [[encode(tokenize(r), stoi, max_len) for r in items[i]["refs"]] for i in idx.tolist()]
+    R = max(len(r) for r in refs)
+    out = torch.full((len(refs), R, max_len + 1), -1, dtype=torch.long)
+    for b, rs in enumerate(refs):
+        for j, t in enumerate(rs):
+            out[b, j] = torch.where(common.until_end(t, EOS), t, -1)
+    return out, torch.tensor([len(r) for r in refs])
+
+
+# -----------------------------------------------------------------------------
+# metric: CIDEr-D over the held-out set (df from its references, as the COCO evaluation), length,
+# bad endings; greedy decoding
+
+
+@torch.no_grad()
+def predict(model, ds, meta, device, n_images, batch_size=128):
+    """Greedy captions of the first n_images -> [{"image_id", "caption"}] (COCO results format)."""
+    model.eval()
+    allowed = grammar(len(meta["itos"]), meta["max_len"]).to(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
+                                         batch_size=batch_size, collate_fn=collate)
+    out = []
+    for idx, imgs in loader:
+        tok, _ = common.sample(model, imgs.to(device), meta["max_len"] + 1, temperature=0, allowed=allowed,
+                               end_token=EOS, pad_token=PAD)
+        out += [dict(image_id=ds.items[i]["id"], caption=decode(t, meta["itos"])) for i, t in
+                zip(idx.tolist(), tok[:, 0].cpu())]
+    model.train()
+    return out
+
+
+def caption_metrics(results, items):
+    """CIDEr-D (x100, as papers report it), mean length in words, % captions ending in a bad word."""
+    refs = {it["id"]: [" ".join(tokenize(r)) for r in it["refs"]] for it in items}
+    res = {r["image_id"]: [r["caption"]] for r in results}
+    score, _ = cider_d({i: refs[i] for i in res}, res)
+    words = [r["caption"].split() for r in results]
+    return dict(CIDEr=100 * score, length=float(np.mean([len(w) for w in words])),
+                bad_endings=100 * float(np.mean([bool(w) and w[-1] in BAD_ENDINGS for w in words])))
+
+
+def evaluate_model(model, ds, meta, device, n_images):
+    res = predict(model, ds, meta, device, n_images)
+    return caption_metrics(res, ds.items[:n_images]), res
+
+
+# -----------------------------------------------------------------------------
+# stages
+
+
+def setup(args, vocab=None):
+    rank, world, device = common.ddp_setup()
+    torch.manual_seed(args.seed)
+    tr, va = load_data(args)
+    meta = dict(itos=vocab or build_vocab(tr, args.min_count), max_len=args.max_len, reward=args.reward)
+    return rank, world, device, Images(tr, args.image_size), Images(va, args.image_size), meta
+
+
+def train(args, stage):
+    """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on one reference per
+    image, drawn at random each step. Reward: sample K captions, CIDEr-D each, REINFORCE with the
+    leave-one-out baseline on every word and on the end of the caption."""
+    init = args.init or (os.path.join(args.out_dir, "caption", "mle", "ckpt.pt") if stage != "mle" else "")
+    ck = common.load_ckpt(init, "caption") if init else None
+    rank, world, device, tr, va, meta = setup(args, ck["meta"]["itos"] if ck else None)
+    V, L, master = len(meta["itos"]), meta["max_len"] + 1, rank == 0
+    if ck:  # prior: training steps behind the starting point
+        cfg, state, meta = ck["config"], ck["model"], dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
+        L = meta["max_len"] + 1
+    else:
+        cfg, state = common.model_config(args.model, args.image_size, V, L, BOS, args.dec_layers, args.patch), None
+    raw, model, opt, start, path, meta = common.stage_setup("caption", stage, args, cfg, meta, device, world, state)
+    if not ck and start == 0 and args.init_encoder:
+        common.load_timm_encoder(raw, args.init_encoder)
+    stoi = {w: i for i, w in enumerate(meta["itos"])}
+    allowed = grammar(V, meta["max_len"]).to(device)
+    cider = None
+    if stage == "reward":  # df of the reward: the training references' tokens, EOS included
+        refs = [[encode(tokenize(x), stoi, meta["max_len"]).tolist() for x in it["refs"]] for it in tr.items]
+        cider = CiderD([[t[:t.index(EOS) + 1] for t in r] for r in refs], V)
+    log = common.Logger(os.path.dirname(path), master, resume=start > 0)
+    common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
+                  f"images, {V} tokens, steps {start}->{args.steps}, global batch {args.batch_size} on {world} "
+                  f"process(es)")
+    sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
+    loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
+    b = args.batch_size // world
+    mb = args.micro_batch or b
+    t0 = time.time()
+    for step, (idx, imgs) in enumerate(tqdm(loader, disable=not master, initial=start, total=args.steps,
+                                            desc=stage), start):
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
+        imgs = imgs.to(device)
+
+        def mle_micro(s):
+            refs = [tr.items[i]["refs"] for i in idx[s].tolist()]
+            pick = [np.random.default_rng([args.seed, step, int(g)]).integers(len(r)) for r, g in zip(refs, pos[s])]
+            tok = torch.stack([encode(tokenize(r[j]), stoi, meta["max_len"]) for r, j in zip(refs, pick)]).to(device)
+            with common.autocast(device):
+                loss, _, st = common.mle_loss(model, imgs[s], tok, common.until_end(tok, EOS).float(), allowed)
+            return loss, st
+
+        def reward_micro(s):
+            refs, nref = ref_batch(tr.items, idx[s], stoi, meta["max_len"])
+            batch = dict(cider=cider, refs=refs, nref=nref)
+            noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
+            with common.autocast(device):
+                tok, _ = common.sample(raw, imgs[s], L, args.samples, args.temperature, noise=noise, allowed=allowed,
+                                       end_token=EOS, pad_token=PAD)
+            r, aux = REWARDS[args.reward](tok, batch)
+            with common.autocast(device):
+                loss, _, _, _, st = common.reinforce_loss(model, imgs[s], tok, r, common.until_end(tok, EOS),
+                                                          args.baseline, args.grad_on, allowed)
+            return loss, dict(st, reward=r.mean(), **aux)
+
+        micro = reward_micro if stage == "reward" else mle_micro
+        stats = common.train_step(model, opt, args, [lambda s=slice(i, i + mb): micro(s) for i in range(0, b, mb)],
+                                  world)
+        if args.stop_at and step + 1 >= args.stop_at:
+            common.print0(f"stopping after step {step + 1} without saving (--stop_at)")
+            return
+        done = step + 1 == args.steps
+        if (step + 1) % args.log_every == 0 or done:
+            log(step + 1, lr=opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
+                s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
+        if master and ((step + 1) % args.ckpt_every == 0 or done):
+            common.save_stage(path, "caption", raw, opt, step + 1, args, meta)
+        if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
+            m = evaluate_model(raw, va, meta, device, args.eval_images)[0]
+            log(step + 1, **{f"val_{k}": v for k, v in m.items()})
+    log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
+    common.ddp_cleanup()
+
+
+def panel(text, size):
+    """A white square with the text wrapped to its width."""
+    img = Image.new("RGB", (size, size), "white")
+    d, line, y = ImageDraw.Draw(img), "", 2
+    for w in text.split() + [None]:
+        if w is not None and len(line) + len(w) + 1 <= size // 6:
+            line = f"{line} {w}".strip()
+            continue
+        d.text((3, y), line, fill="black")
+        line, y = w or "", y + 11
+    return img
+
+
+def evaluate(args):
+    """Every checkpoint that exists, side by side: metrics.json, table.md, captions json, a grid."""
+    base = os.path.join(args.out_dir, "caption")
+    paths = {n: os.path.join(base, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
+    paths = {n: q for n, q in paths.items() if os.path.exists(q)}
+    if not paths:
+        raise UserError(f"no checkpoint under {base}: run --stage mle first")
+    cks = {n: common.load_ckpt(q, "caption") for n, q in paths.items()}
+    rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))["meta"]["itos"])
+    if rank:
+        return common.ddp_cleanup()
+    out = os.path.join(base, "eval")
+    os.makedirs(out, exist_ok=True)
+    rows, preds = {}, {}
+    for name, ck in cks.items():
+        model = common.build_model(ck["config"], device, ck["model"], paths[name])
+        m, res = evaluate_model(model, va, ck["meta"], device, args.eval_images)
+        prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
+        rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
+        with open(os.path.join(out, f"captions_{name}.json"), "w") as f:
+            json.dump(res, f)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    table = ["| model | steps | CIDEr-D | words | bad endings % |", "|---" * 5 + "|"]
+    table += [f"| {n} | {r['steps']} | {r['CIDEr']:.1f} | {r['length']:.2f} | {r['bad_endings']:.1f} |"
+              for n, r in rows.items()]
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+    S = 192  # picture: the image, one reference, then each model's caption
+    grid = []
+    for i in range(min(8, len(va))):
+        it = va.items[i]
+        img = (Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])).convert("RGB")
+        grid.append([img.resize((S, S), Image.NEAREST), panel(it["refs"][0], S)] +
+                    [panel(preds[n][i]["caption"], S) for n in preds])
+    common.save_grid(grid, ["image", "a reference"] + list(preds), os.path.join(out, "grid.png"), scale=1)
+    print(f"wrote {out}/metrics.json, table.md, captions_*.json, grid.png")
+
+
+def main():
+    args = p.parse_args()
+    preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
+    if args.data == "coco" and not args.data_dir:
+        raise UserError("--data coco needs --data_dir")
+    for k in ["model", "patch", "dec_layers", "image_size", "batch_size", "samples", "enc_lr_mult", "eval_images",
+              "num_train", "num_val"]:
+        if getattr(args, k) is None:
+            setattr(args, k, preset[k])
+    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
+    for stage in stages:
+        kind = "reward" if stage == "reward" else "mle"
+        for k, v in given.items():
+            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
+        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
+            args.steps = given["steps"] or preset["reward_steps"]
+        if stage == "eval":
+            evaluate(args)
+        else:
+            train(args, stage)
+
+
+if __name__ == "__main__":
+    common.run(main)

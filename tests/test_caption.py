@@ -1,0 +1,202 @@
+"""caption.py: CIDEr-D against pycocoevalcap (the oracle), the cached reward, EOS, tokens, loaders, the CLI.
+Run: python -m pytest -q tests/test_caption.py"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocoevalcap.cider.cider import Cider
+
+import caption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "a an the red blue green square circle ring on of and with two three sky grass is there UNK".split()
+
+
+def corpus(seed, n_images, max_words=25):
+    rng = random.Random(seed)
+    sent = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    gts = {i: [sent(rng.randint(0, max_words)) for _ in range(rng.randint(1, 6))] for i in range(n_images)}
+    return gts, {i: [sent(rng.randint(0, max_words + 5))] for i in range(n_images)}
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1), (1, 3), (2, 40), (3, 300)])
+def test_cider_d_equals_pycocoevalcap_random(seed, n):
+    gts, res = corpus(seed, n)
+    ref, ref_scores = Cider().compute_score(gts, res)
+    ours, scores = caption.cider_d(gts, res)
+    assert abs(ours - ref) < 1e-9 and np.abs(np.asarray(ref_scores) - scores).max() < 1e-9
+    if n == 1:
+        assert ours == 0  # one image: log N = 0, every weight is 0 (pycocoevalcap's known behaviour)
+
+
+def test_cider_d_equals_pycocoevalcap_edge_cases():
+    long = " ".join(["the red square on the grass"] * 12)
+    gts = {"a": ["a red square on the grass", "the the the the", "a red square"],
+           "b": ["two blue circles and a ring", "UNK UNK ring"],
+           "c": [long, "a long caption", ""],
+           7: ["there is a green ring", "a green ring on the sky", "green green green ring"]}
+    res = {"a": ["a red square on the grass"],  # a perfect copy of one reference
+           "b": [""],  # an empty caption
+           "c": [long + " with a star"],  # longer than any reference length the reward sees
+           7: ["ring ring ring ring ring UNK"]}  # repeated words, UNK
+    ref, ref_scores = Cider().compute_score(gts, res)
+    ours, scores = caption.cider_d(gts, res)
+    assert abs(ours - ref) < 1e-9 and np.abs(np.asarray(ref_scores) - scores).max() < 1e-9
+    assert scores[1] == 0 and scores[0] > scores[3] > 0
+
+
+def test_cider_d_rejects_mismatched_keys():
+    with pytest.raises(ValueError):
+        caption.cider_d({1: ["a b"]}, {2: ["a b"]})
+
+
+def tokens(vocab, s, L=12):
+    return caption.encode(caption.tokenize(s), {w: i for i, w in enumerate(vocab)}, L - 1)
+
+
+def test_cached_reward_equals_cider_d_per_image():
+    """The reward (token ids, EOS as a word, references computed once per image for its K samples) gives
+    cider_d's per-image numbers when both see the same references and the same document frequencies."""
+    gts, res = corpus(4, 12, max_words=10)
+    vocab = caption.SPECIALS + sorted({w.lower() for v in gts.values() for s in v for w in s.split()} | set(WORDS))
+    L = 16
+    enc = lambda s: tokens(vocab, s, L)  # noqa: E731
+    refs = [[enc(r).tolist() for r in gts[i]] for i in gts]
+    scorer = caption.CiderD([[t[:t.index(caption.EOS) + 1] for t in r] for r in refs], len(vocab))
+    K = 3
+    hyps = {(i, k): corpus(100 + 10 * i + k, 1, 10)[1][0][0] for i in gts for k in range(K)}
+    pred = torch.stack([torch.stack([enc(hyps[i, k]) for k in range(K)]) for i in gts])  # (B, K, L)
+    rt = torch.full((len(gts), 6, L), -1)
+    for b, i in enumerate(gts):
+        for j, r in enumerate(refs[b]):
+            rt[b, j] = torch.where(caption.common.until_end(torch.tensor(r), caption.EOS), torch.tensor(r), -1)
+    r, aux = caption.reward_cider(pred, dict(cider=scorer, refs=rt, nref=torch.tensor([len(v) for v in gts.values()])))
+    # the same thing as strings, "<eos>" a word of every sentence; df from the 12 images, not the 36 keys
+    eos = lambda s: " ".join(caption.tokenize(s)[:L - 1] + ["<eos>"])  # noqa: E731
+    for k in range(K):
+        _, s = caption.cider_d({i: [eos(x) for x in gts[i]] for i in gts}, {i: [eos(hyps[i, k])] for i in gts})
+        np.testing.assert_allclose(r[:, k].double().numpy(), s, rtol=1e-6, atol=1e-6)
+    assert r.shape == (12, K) and r.max() > 0
+
+
+def test_unfinished_caption_scores_below_finished():
+    vocab = caption.SPECIALS + "a red square on the grass sky".split()
+    refs = [[tokens(vocab, s).tolist() for s in ["a red square on the grass", "a red square"]],
+            [tokens(vocab, "the sky").tolist()]]
+    scorer = caption.CiderD([[t[:t.index(caption.EOS) + 1] for t in r] for r in refs], len(vocab))
+    done = tokens(vocab, "a red square on the grass")
+    unfinished = done.clone()
+    unfinished[unfinished == caption.EOS] = vocab.index("grass")  # same words, then no end within the length
+    unfinished[unfinished == caption.PAD] = vocab.index("grass")
+    rt = torch.full((1, 2, 12), -1)
+    for j, t in enumerate(refs[0]):
+        rt[0, j, :len(t[:t.index(caption.EOS) + 1])] = torch.tensor(t[:t.index(caption.EOS) + 1])
+    r, _ = caption.reward_cider(torch.stack([done, unfinished])[None], dict(cider=scorer, refs=rt, nref=torch.tensor([2])))
+    assert r[0, 0] > r[0, 1] > 0
+
+
+def test_tokenizer_vocab_and_round_trip():
+    assert caption.tokenize("Two RED squares, a ring.") == ["two", "red", "squares", "a", "ring"]
+    items = [dict(refs=["a red square", "a red ring"]), dict(refs=["a blue star"])]
+    vocab = caption.build_vocab(items, min_count=2)
+    assert vocab[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and vocab[4:] == ["a", "red"]  # by frequency
+    stoi = {w: i for i, w in enumerate(vocab)}
+    t = caption.encode(caption.tokenize("A red star"), stoi, 5)
+    assert t.tolist() == [4, 5, caption.UNK, caption.EOS, caption.PAD, caption.PAD]
+    assert caption.decode(t, vocab) == "a red <unk>"
+    assert caption.encode(["a"] * 9, stoi, 5).tolist() == [4] * 5 + [caption.EOS]  # cut to max_len words
+    g = caption.grammar(len(vocab), 5)
+    assert not g[:, caption.PAD].any() and not g[:, caption.BOS].any() and g[5].tolist() == [0, 0, 1, 0, 0, 0]
+
+
+def test_synthetic_references_name_colours_shapes_counts_relations():
+    items = caption.load_synthetic("val", 50, 64, 0)
+    text = " ".join(r for it in items for r in it["refs"])
+    assert all(len(it["refs"]) == 5 and len(set(it["refs"])) == 5 for it in items)
+    for w in ["red", "square", "circle", "three", "left", "under", "above"]:
+        assert f" {w}" in text
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def write_coco(root, split, karpathy=None):
+    """A tiny COCO captions layout: odd sizes, grayscale, RGBA, a corrupt file, an image without captions."""
+    os.makedirs(root / split, exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for k, (w, h, mode) in enumerate([(48, 64, "RGB"), (33, 47, "L"), (40, 40, "RGBA"), (50, 30, "RGB"),
+                                      (20, 20, "RGB"), (32, 32, "RGB")]):
+        name = f"{split}_{k}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, len(mode)) if mode != "L" else (h, w), dtype=np.uint8).squeeze(),
+                        mode).save(root / split / name)
+        images.append(dict(id=100 + k, file_name=name, width=w, height=h))
+        if k < 5:
+            anns += [dict(id=len(anns) + 1, image_id=100 + k, caption=c) for c in
+                     ["A red square on the grass.", "Two blue circles, and a ring!", "a picture of a star"][: 1 + k % 3]]
+    (root / split / f"{split}_3.png").write_bytes(b"not a png")  # unreadable: skipped with a count
+    with open(root / "annotations" / f"captions_{split}.json", "w") as f:
+        json.dump(dict(images=images, annotations=anns), f)
+
+
+def test_tiny_runs_every_stage(tmp_path):
+    p = run("--tiny", "--out_dir", tmp_path)
+    for stage in ["mle", "reward", "mle_cont"]:
+        log = [json.loads(l) for l in open(tmp_path / "caption" / stage / "log.jsonl")]
+        assert any("val_CIDEr" in r for r in log) and any("loss" in r for r in log)
+    assert any("reward" in r and "adv_std" in r for r in map(json.loads, open(tmp_path / "caption/reward/log.jsonl")))
+    out = tmp_path / "caption" / "eval"
+    m = json.load(open(out / "metrics.json"))
+    assert set(m) == {"mle", "mle_cont", "reward"} and all(r["length"] <= 20 for r in m.values())
+    res = json.load(open(out / "captions_reward.json"))
+    assert len(res) == 16 and all(set(r) == {"image_id", "caption"} for r in res)
+    assert "| reward |" in p.stdout and os.path.getsize(out / "grid.png") > 1000
+
+
+def test_coco_fixture_loads_trains_and_evaluates(tmp_path):
+    for split in ["train", "val"]:
+        write_coco(tmp_path / "coco", split)
+    p = run("--data", "coco", "--data_dir", tmp_path / "coco", "--train_split", "train", "--val_split", "val",
+            "--tiny", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--out_dir", tmp_path / "out")
+    assert "skipped 1 unreadable images of 5" in p.stdout
+    res = json.load(open(tmp_path / "out/caption/eval/captions_mle.json"))
+    assert {r["image_id"] for r in res} == {100, 101, 102, 104}  # no captions: 105 out; corrupt: 103 out
+
+
+def test_karpathy_split_loads(tmp_path):
+    write_coco(tmp_path, "val2014")
+    kp = dict(images=[dict(filepath="val2014", filename=f"val2014_{k}.png", cocoid=100 + k, split=s,
+                           sentences=[dict(raw=f"a red square number {k}")]) for k, s in
+                      enumerate(["train", "restval", "test", "val", "test"])])
+    with open(tmp_path / "dataset_coco.json", "w") as f:
+        json.dump(kp, f)
+    args = caption.p.parse_args(["--data", "coco", "--data_dir", str(tmp_path), "--karpathy",
+                                 str(tmp_path / "dataset_coco.json")])
+    assert [it["id"] for it in caption.load_coco(args, "train")] == [100, 101]
+    test = caption.load_coco(args, "test")
+    assert [it["id"] for it in test] == [102, 104] and test[0]["file"].endswith("val2014/val2014_2.png")
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    p = run("--data", "coco", "--data_dir", tmp_path / "missing", "--tiny", ok=False)
+    assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0
+    os.makedirs(tmp_path / "c" / "annotations")
+    (tmp_path / "c" / "annotations" / "captions_train2017.json").write_text('{"images": [')
+    p = run("--data", "coco", "--data_dir", tmp_path / "c", "--tiny", ok=False)
+    assert p.returncode == 2 and "captions_train2017.json" in p.stderr and "malformed" in p.stderr
