@@ -557,8 +557,10 @@ def make_captions(rng, things, top, bottom, size):
         groups.setdefault((t["color"], t["name"]), []).append(t)
     a = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
     an = lambda t: f"{a(t['color'])} {t['color']} {t['name']}"  # noqa: E731
-    phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}"
-               for (c, s), v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    g = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}" for (c, s), v in g]
+    if len(phrases) > 3:  # every caption <= 20 words: name the two largest groups, count the others
+        phrases = phrases[:2] + [f"{NUMBERS[len(things) - len(g[0][1]) - len(g[1][1])]} other shapes"]
     listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     n = len(things)
     by_x = sorted(things, key=lambda t: t["box"][0] + t["box"][2])
@@ -578,12 +580,6 @@ class SyntheticWorld:
     def __init__(self, split, n, size, seed=0):
         sid = {"train": 1, "val": 2}[split]
         self.scenes = [make_scene(np.random.default_rng([seed, sid, i]), size) for i in range(n)]
-
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, i):
-        return self.scenes[i]
 
 # -----------------------------------------------------------------------------
 # pictures: a grid of labelled panels (every eval writes one)

@@ -116,9 +116,11 @@ def test_tokenizer_vocab_and_round_trip():
 
 
 def test_synthetic_references_name_colours_shapes_counts_relations():
-    items = caption.load_synthetic("val", 50, 64, 0)
+    items = caption.load_synthetic("val", 300, 64, 0)
     text = " ".join(r for it in items for r in it["refs"])
     assert all(len(it["refs"]) == 5 and len(set(it["refs"])) == 5 for it in items)
+    words = [caption.tokenize(r) for it in items for r in it["refs"]]
+    assert max(map(len, words)) <= 20 and not any(w[-1] in caption.BAD_ENDINGS for w in words)  # nothing is cut
     for w in ["red", "square", "circle", "three", "left", "under", "above"]:
         assert f" {w}" in text
 
