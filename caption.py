@@ -5,13 +5,14 @@ scores each with CIDEr-D against the image's references, and raises the likeliho
 beat the mean of the other K-1 (leave-one-out baseline; the paper's Table 8 uses 7 baseline samples).
 EOS is one of the n-grams, so "a red square on the" cannot collect the reward of the finished caption.
 
-    python caption.py                   # all stages on the synthetic world (2 CPU cores: see README)
+    python caption.py                   # all stages on the synthetic world (2 CPU cores: 15 min)
     python caption.py --tiny            # every stage in about a minute (smoke test)
     python caption.py --stage mle|reward|mle_cont|eval
     python caption.py --stage reward --samples 4   # Table 4 ablation: K-1 = 3 baseline samples
     torchrun --nproc_per_node=8 caption.py --stage reward --data coco --data_dir /data/coco
 
-Measured on the synthetic world: see the README (results/caption/).
+Measured on the synthetic world (2 CPU cores, 14 min 43 s for all stages; README, results/caption/), held-out
+500 scenes, greedy: CIDEr-D MLE 130.0, MLE continued 130.2, reward-tuned 162.6 (paper, COCO: 120.0 -> 134.5).
 """
 import argparse
 import json
