@@ -202,3 +202,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     (tmp_path / "c" / "annotations" / "captions_train2017.json").write_text('{"images": [')
     p = run("--data", "coco", "--data_dir", tmp_path / "c", "--tiny", ok=False)
     assert p.returncode == 2 and "captions_train2017.json" in p.stderr and "malformed" in p.stderr
+
+
+def test_reward_stage_resumes_exactly(tmp_path):
+    run("--tiny", "--stage", "mle", "--steps", 5, "--out_dir", tmp_path / "m")
+    init = tmp_path / "m/caption/mle/ckpt.pt"
+    args = ["--tiny", "--stage", "reward", "--init", init, "--steps", 6, "--ckpt_every", 3, "--eval_every", 0,
+            "--lr", 1e-3]
+    run(*args, "--out_dir", tmp_path / "a")
+    p = run(*args, "--out_dir", tmp_path / "b", "--stop_at", 5)  # killed after step 5, last checkpoint at 3
+    assert "stopping after step 5" in p.stdout
+    run(*args, "--out_dir", tmp_path / "b", "--resume")
+    a, b = (torch.load(tmp_path / d / "caption/reward/ckpt.pt", weights_only=True)["model"] for d in "ab")
+    start = torch.load(init, weights_only=True)["model"]
+    assert max((a[k] - start[k]).abs().max() for k in a) > 1e-4  # the stage really trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
