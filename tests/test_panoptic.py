@@ -1,0 +1,128 @@
+"""panoptic.pq_compute on hand-made COCO panoptic fixtures; every expected number is derived in the comments.
+Run: python -m pytest -q tests/test_panoptic.py"""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import panoptic
+from common import UserError
+
+CATS = [dict(id=1, name="square", isthing=1), dict(id=2, name="circle", isthing=1),
+        dict(id=6, name="sky", isthing=0), dict(id=7, name="grass", isthing=0)]
+
+
+def grid(rows):
+    """['1122', ...] -> (H, W) ids; '.' = void (0)."""
+    return np.array([[0 if c == "." else int(c) for c in r] for r in rows], np.uint32)
+
+
+def write(root, gt, gt_segs, pred, pred_segs, cats=CATS):
+    """One image: gt / pred id grids and their segments {id: category} (gt: (category, iscrowd))."""
+    for kind, ids in [("gt", gt), ("pred", pred)]:
+        os.makedirs(root / kind, exist_ok=True)
+        Image.fromarray(panoptic.id2rgb(ids)).save(root / kind / "a.png")
+    gseg = [dict(id=i, category_id=c, iscrowd=k, area=int((gt == i).sum())) for i, (c, k) in gt_segs.items()]
+    with open(root / "gt.json", "w") as f:
+        json.dump(dict(categories=cats, annotations=[dict(image_id=5, file_name="a.png", segments_info=gseg)]), f)
+    pseg = [dict(id=i, category_id=c) for i, c in pred_segs.items()]
+    with open(root / "pred.json", "w") as f:
+        json.dump(dict(annotations=[dict(image_id=5, file_name="a.png", segments_info=pseg)]), f)
+    return panoptic.pq_compute(str(root / "gt.json"), str(root / "pred.json"))
+
+
+def close(r, pq, sq, rq, n):
+    assert r["n"] == n and r["pq"] == pytest.approx(pq) and r["sq"] == pytest.approx(sq) and r["rq"] == pytest.approx(rq)
+
+
+def test_id_colour_round_trip():
+    ids = np.array([[0, 1, 255], [256, 65536 + 7, 256 ** 3 - 1]], np.uint32)
+    assert (panoptic.rgb2id(panoptic.id2rgb(ids)) == ids).all()
+
+
+def test_perfect_match(tmp_path):
+    g = grid(["1122", "1122", "1122", "1122"])
+    r = write(tmp_path, g, {1: (1, 0), 2: (6, 0)}, g, {1: 1, 2: 6})
+    close(r["All"], 1, 1, 1, 2), close(r["Things"], 1, 1, 1, 1), close(r["Stuff"], 1, 1, 1, 1)
+    assert r["per_class"][2] == dict(pq=0.0, sq=0.0, rq=0.0) and r["per_class"][1]["pq"] == 1
+
+
+def test_iou_exactly_half_is_not_a_match(tmp_path):
+    # GT square A = top row (4 px); the rest is sky B (12 px). Pred square P1 = 2 px inside A; sky P2 = the other 14.
+    # IoU(P1, A) = 2 / (2 + 4 - 2) = 0.5: not > 0.5 -> square: FN 1, FP 1 -> pq = sq = rq = 0.
+    # IoU(P2, B) = 12 / (14 + 12 - 12) = 6/7 -> sky: TP, pq = sq = 6/7, rq = 1.
+    g = grid(["1111", "2222", "2222", "2222"])
+    p = grid(["1122", "2222", "2222", "2222"])
+    r = write(tmp_path, g, {1: (1, 0), 2: (6, 0)}, p, {1: 1, 2: 6})
+    close(r["All"], 3 / 7, 3 / 7, 0.5, 2), close(r["Things"], 0, 0, 0, 1), close(r["Stuff"], 6 / 7, 6 / 7, 1, 1)
+
+
+def test_prediction_mostly_on_void_is_not_a_false_positive(tmp_path):
+    # GT: top row void, the rest sky (12 px). Pred square P1 = top row + 1 px of sky: 4 of 5 px (80%) on void
+    # -> ignored. Pred sky P2 = the other 11 px: IoU = 11 / (11 + 12 - 11 - 0) = 11/12.
+    g = grid(["....", "2222", "2222", "2222"])
+    p = grid(["1111", "1222", "2222", "2222"])
+    r = write(tmp_path, g, {2: (6, 0)}, p, {1: 1, 2: 6})
+    close(r["All"], 11 / 12, 11 / 12, 1, 1)
+    close(r["Things"], 0, 0, 0, 0)  # no thing occurs: an empty group, no ZeroDivisionError
+    # Pred square = 2 void px + 3 sky px: 40% on void -> a false positive (square counted, pq 0).
+    # Pred sky P2 = 9 px, none on void (the prediction leaves 2 px unlabelled): IoU = 9 / (9 + 12 - 9) = 0.75.
+    p = grid(["11..", "1112", "2222", "2222"])
+    r = write(tmp_path / "b", g, {2: (6, 0)}, p, {1: 1, 2: 6})
+    close(r["Things"], 0, 0, 0, 1), close(r["Stuff"], 0.75, 0.75, 1, 1)
+
+
+def test_crowd_region(tmp_path):
+    # GT: left half a crowd of squares (8 px), right half sky (8 px). Pred square on one crowd column: never a
+    # match, 100% on a crowd of its own category -> ignored; the crowd is never a FN. Pred circle on the other
+    # crowd column: a crowd of another category does not excuse it -> circle FP. Sky matches exactly.
+    g = grid(["1122", "1122", "1122", "1122"])
+    p = grid(["3122", "3122", "3122", "3122"])
+    r = write(tmp_path, g, {1: (1, 1), 2: (6, 0)}, p, {1: 1, 2: 6, 3: 2})
+    assert r["per_class"][1] == dict(pq=0.0, sq=0.0, rq=0.0)  # the square category does not occur
+    close(r["Things"], 0, 0, 0, 1)  # circle: FP 1
+    close(r["All"], 0.5, 0.5, 0.5, 2)  # (0 + 1) / 2 for pq, sq and rq
+
+
+def test_class_absent_from_ground_truth(tmp_path):
+    # GT: all sky (16 px). Pred circle on 4 px (FP: circle occurs only in the prediction), sky on 12:
+    # IoU = 12 / (12 + 16 - 12) = 0.75. All: pq = (0.75 + 0) / 2, sq = (0.75 + 0) / 2, rq = (1 + 0) / 2.
+    g = grid(["2222", "2222", "2222", "2222"])
+    p = grid(["1122", "1122", "2222", "2222"])
+    r = write(tmp_path, g, {2: (6, 0)}, p, {1: 2, 2: 6})
+    close(r["All"], 0.375, 0.375, 0.5, 2), close(r["Things"], 0, 0, 0, 1), close(r["Stuff"], 0.75, 0.75, 1, 1)
+
+
+def test_things_only_dataset(tmp_path):
+    g = grid(["11..", "11..", "....", "...."])
+    r = write(tmp_path, g, {1: (1, 0)}, g, {1: 1}, cats=CATS[:2])
+    close(r["All"], 1, 1, 1, 1), close(r["Things"], 1, 1, 1, 1), close(r["Stuff"], 0, 0, 0, 0)
+
+
+def test_stuff_class_split_in_two(tmp_path):
+    # GT: all sky (16 px). Pred: sky in two segments, 10 px and 6 px. IoU 10/16 = 0.625 -> TP; 6/16 -> FP.
+    # sky: pq = 0.625 / (1 + 0.5), sq = 0.625, rq = 1 / 1.5.
+    g = grid(["2222", "2222", "2222", "2222"])
+    p = grid(["2222", "2222", "2233", "3333"])
+    r = write(tmp_path, g, {2: (6, 0)}, p, {2: 6, 3: 6})
+    close(r["All"], 0.625 / 1.5, 0.625, 1 / 1.5, 1)
+    assert r["per_class"][6]["pq"] == pytest.approx(0.625 / 1.5)
+
+
+def test_malformed_pairs_are_clear_errors(tmp_path):
+    g = grid(["1122", "1122", "1122", "1122"])
+    with pytest.raises(UserError, match="segment 2 is in the PNG and not in the json"):
+        write(tmp_path / "a", g, {1: (1, 0), 2: (6, 0)}, g, {1: 1})
+    with pytest.raises(UserError, match=r"segments \[9\] are in the json and not in the PNG"):
+        write(tmp_path / "b", g, {1: (1, 0), 2: (6, 0)}, g, {1: 1, 2: 6, 9: 1})
+    with pytest.raises(UserError, match="unknown category_id 4"):
+        write(tmp_path / "c", g, {1: (1, 0), 2: (6, 0)}, g, {1: 1, 2: 4})
+    write(tmp_path / "d", g, {1: (1, 0), 2: (6, 0)}, g, {1: 1, 2: 6})
+    (tmp_path / "d" / "pred" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="a.png: not a readable panoptic PNG"):
+        panoptic.pq_compute(str(tmp_path / "d/gt.json"), str(tmp_path / "d/pred.json"))
+    (tmp_path / "d" / "pred.json").write_text("{")
+    with pytest.raises(UserError, match="pred.json: not a readable panoptic json"):
+        panoptic.pq_compute(str(tmp_path / "d/gt.json"), str(tmp_path / "d/pred.json"))
