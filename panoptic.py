@@ -2,8 +2,9 @@
 
 Issue 3 builds this script in steps. Here now: the official metric, `pq_compute`, equal to panopticapi's
 (same arguments, same result structure, same void and crowd rules) without its multiprocessing pool and
-without its crash on an empty group. Still to come: the UViM stage II language model over the VQ codes
-of vqvae.py, the per-image PQ reward, the stages (mle / reward / mle_cont / eval) and the COCO loader.
+without its crash on an empty group; and the reward's core, `pq_counts` (PQ's per-image counts, in memory,
+vectorized). Still to come: the UViM stage II language model over the VQ codes of vqvae.py, decoding,
+the stages (mle / reward / mle_cont / eval) and the COCO loader.
 
     from panoptic import pq_compute
     results = pq_compute("panoptic_val2017.json", "predictions.json", "panoptic_val2017/", "predictions/")
@@ -13,10 +14,43 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 import common
 from common import UserError
+
+# -----------------------------------------------------------------------------
+# reward: PQ's counts per image, in memory and vectorized (no files, no Python loop over segments)
+
+
+def pq_counts(gt, gt_cat, gt_crowd, pred, pred_cat):
+    """Per-image TP / FP / FN and summed matched IoU under pq_compute's rules, for a batch.
+    gt (N, H, W) segment index 0..G (0 = void), gt_cat (N, G+1) category (-1: no such segment), gt_crowd
+    (N, G+1) bool; pred (N, H, W) segment index 0..S (0 = unlabelled), pred_cat (N, S+1) -> dict of (N,)."""
+    N, G1, S1 = gt_cat.shape[0], gt_cat.shape[1], pred_cat.shape[1]
+    idx = (torch.arange(N, device=gt.device)[:, None] * G1 + gt.flatten(1)) * S1 + pred.flatten(1)
+    inter = torch.bincount(idx.flatten(), minlength=N * G1 * S1).view(N, G1, S1).double()  # joint histogram
+    g_area, p_area, on_void = inter.sum(2), inter.sum(1), inter[:, 0]  # (N, G1), (N, S1), (N, S1)
+    iou = inter / (p_area[:, None] + g_area[:, :, None] - inter - on_void[:, None]).clamp(min=1)
+    g_ok, p_ok = gt_cat >= 0, (p_area > 0) & (pred_cat >= 0)
+    g_ok[:, 0], p_ok[:, 0] = False, False
+    same = gt_cat[:, :, None] == pred_cat[:, None, :]  # (N, G1, S1)
+    match = (iou > 0.5) & same & (g_ok & ~gt_crowd)[:, :, None] & p_ok[:, None]
+    # one crowd region per category counts, the last listed (as panopticapi's dict)
+    later = torch.ones(G1, G1, dtype=torch.bool, device=gt.device).triu(1)  # later[i, j]: j after i
+    crowd = g_ok & gt_crowd
+    last = crowd & ~(crowd[:, None, :] & (gt_cat[:, :, None] == gt_cat[:, None, :]) & later).any(2)
+    excused = on_void + (inter * (last[:, :, None] & same)).sum(1)  # pred pixels on void or own-class crowd
+    fp = p_ok & ~match.any(1) & ~(excused / p_area.clamp(min=1) > 0.5)
+    return dict(iou=(iou * match).sum((1, 2)), tp=match.sum((1, 2)), fp=fp.sum(1),
+                fn=(g_ok & ~gt_crowd & ~match.any(2)).sum(1))
+
+
+def pq_reward(counts, fp_weight=0.3):
+    """The panoptic reward of one image: r = sum of matched IoUs - 0.3 x false-positive segments."""
+    return counts["iou"] - fp_weight * counts["fp"]
+
 
 # -----------------------------------------------------------------------------
 # metric: COCO panoptic format, PQ as panopticapi computes it

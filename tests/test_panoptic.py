@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -126,3 +127,46 @@ def test_malformed_pairs_are_clear_errors(tmp_path):
     (tmp_path / "d" / "pred.json").write_text("{")
     with pytest.raises(UserError, match="pred.json: not a readable panoptic json"):
         panoptic.pq_compute(str(tmp_path / "d/gt.json"), str(tmp_path / "d/pred.json"))
+
+
+def random_pair(rng, H=12, W=12):
+    """A random GT (void, several categories, crowd) and a prediction that copies, moves, splits and
+    relabels its segments, with unlabelled pixels."""
+    G = int(rng.integers(1, 7))
+    gt = rng.integers(0, G + 1, (H // 3, W // 3)).repeat(3, 0).repeat(3, 1)  # blocky segments
+    gt = np.where(rng.random((H, W)) < 0.08, 0, gt)  # some void pixels
+    gt_cat = np.concatenate([[-1], rng.choice([1, 2, 6, 7], G)])
+    gt_crowd = np.concatenate([[False], rng.random(G) < 0.2])
+    pred = np.roll(gt, int(rng.integers(-1, 2)), axis=int(rng.integers(0, 2)))
+    pred = np.where(rng.random((H, W)) < 0.15, rng.integers(0, G + 3, (H, W)), pred)  # noise, new segments
+    S = int(pred.max())
+    pred_cat = np.concatenate([[-1], np.where(rng.random(S) < 0.7, np.resize(gt_cat[1:], S), rng.choice([1, 2, 6, 7], S))])
+    return gt, gt_cat, gt_crowd, pred, pred_cat
+
+
+def test_in_memory_counts_agree_with_pq_compute_per_image():
+    rng = np.random.default_rng(0)
+    pairs = [random_pair(rng) for _ in range(200)]
+    G1 = max(len(p[1]) for p in pairs)
+    S1 = max(len(p[4]) for p in pairs)
+    padded = lambda a, n, fill: np.concatenate([a, np.full(n - len(a), fill, a.dtype)])  # noqa: E731
+    c = panoptic.pq_counts(torch.tensor(np.stack([p[0] for p in pairs])),
+                           torch.tensor(np.stack([padded(p[1], G1, -1) for p in pairs])),
+                           torch.tensor(np.stack([padded(p[2], G1, False) for p in pairs])),
+                           torch.tensor(np.stack([p[3] for p in pairs])),
+                           torch.tensor(np.stack([padded(p[4], S1, -1) for p in pairs])))
+    seen = np.zeros(4)
+    for i, (gt, gt_cat, gt_crowd, pred, pred_cat) in enumerate(pairs):
+        gs = {g: dict(category_id=int(gt_cat[g]), iscrowd=int(gt_crowd[g]), area=int((gt == g).sum()))
+              for g in range(1, len(gt_cat))}
+        ps = {q: dict(category_id=int(pred_cat[q]), area=int((pred == q).sum())) for q in range(1, len(pred_cat))
+              if (pred == q).any()}
+        stats = {}  # the per-image counts pq_compute accumulates (pq_image is its per-image step)
+        panoptic.pq_image(gt.astype(np.uint32), gs, pred.astype(np.uint32), ps, stats)
+        iou, tp, fp, fn = (sum(s[k] for s in stats.values()) for k in range(4))
+        assert (c["tp"][i], c["fp"][i], c["fn"][i]) == (tp, fp, fn), i
+        assert float(c["iou"][i]) == pytest.approx(iou, abs=1e-12)
+        seen += [tp > 0, fp > 0, fn > 0, any(gs[g]["iscrowd"] for g in gs)]
+    assert (seen > 20).all()  # the random cases exercise matches, false positives, misses and crowds
+    r = panoptic.pq_reward(c)
+    assert torch.allclose(r, c["iou"] - 0.3 * c["fp"])
