@@ -1,0 +1,79 @@
+"""vqvae.py: the panoptic representation, UViM decoding, the VQ bottleneck and its codebook, the CLI.
+Run: python -m pytest -q tests/test_vqvae.py"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import vqvae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = dict(image_size=32, patch=4, width=32, depth=1, heads=2, codebook=16, code_dim=8, out_chans=7, classes=4,
+           instances=3)
+
+
+def test_canonical_numbers_segments_by_centre_of_mass():
+    seg = np.array([[5, 5, 9, 9], [5, 5, 9, 9], [0, 0, 7, 7], [0, 0, 7, 7]])
+    sem, inst = vqvae.canonical(seg, [dict(id=7, category_id=3), dict(id=9, category_id=6), dict(id=5, category_id=1)])
+    # centres (y, x): 5 -> (0.5, 0.5), 9 -> (0.5, 2.5), 7 -> (2.5, 2.5): raster order 5, 9, 7
+    assert inst.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 3, 3], [0, 0, 3, 3]]
+    assert sem.tolist() == [[1, 1, 6, 6], [1, 1, 6, 6], [0, 0, 3, 3], [0, 0, 3, 3]]
+
+
+def test_decoding_gives_each_instance_its_summed_class():
+    inst_logits = torch.zeros(1, 3, 2, 3)
+    inst_logits[0, 1, :, :2] = 5  # instance 1 on the left 2 columns, instance 0 (void) on the last one
+    inst_logits[0, 0, :, 2] = 5
+    sem_logits = torch.zeros(1, 4, 2, 3)
+    sem_logits[0, 2, 0, 0] = 10  # one pixel strongly says class 2
+    sem_logits[0, 3, :, :2] = 1  # three pixels mildly say class 3: summed 4 < 10
+    seg, cat = vqvae.to_panoptic(sem_logits, inst_logits)
+    assert seg.tolist() == [[[1, 1, 0], [1, 1, 0]]] and cat.tolist() == [[-1, 2, -1]]
+
+
+def test_quantization_is_cosine_nearest_and_straight_through():
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(CFG)
+    z = torch.randn(2, 256, 8)
+    codes = m.quantize(z)
+    sim = torch.nn.functional.normalize(z, dim=-1) @ m.codewords().T
+    assert (sim.gather(-1, codes[..., None])[..., 0] >= sim.max(-1).values - 1e-6).all()
+    target, img = torch.rand(2, 7, 32, 32), torch.rand(2, 3, 32, 32)
+    m.eval()
+    logits, codes = m(target, img)
+    assert logits.shape == (2, 7, 32, 32) and codes.shape == (2, 256)
+    assert torch.equal(vqvae.encode(m, target, img), codes)  # encode = the codes the training pass used
+    torch.testing.assert_close(vqvae.decode(m, codes, img), logits)  # decode(codes) = the reconstruction
+    m.train()
+    m.head.weight.data.normal_()  # (zero-init head: give the encoder a gradient to receive)
+    logits, _ = m(target, img)
+    logits.sum().backward()
+    assert m.to_code.weight.grad.abs().sum() > 0  # the gradient passes the quantizer
+
+
+def test_dead_codes_are_restarted_by_splitting_the_most_used():
+    m = vqvae.VQVAE(CFG)
+    z = torch.nn.functional.normalize(torch.randn(1, 64, 8), dim=-1)
+    codes = torch.zeros(1, 64, dtype=torch.long)  # every vector lands on code 0: the others decay, die, restart
+    for _ in range(600):
+        m.ema_update(z, codes)
+    assert (m.counts >= 0.1).all()  # no dead code is left
+    w = m.codewords()
+    assert (w @ w[0] > 0.99).sum() >= 8  # they were split off the one used codeword
+    # splitting moves counts, it does not create them: the total is what 600 batches of 64 left after decay
+    assert abs(float(m.counts.sum()) - 64 * (1 - 0.995 ** 600) / 0.005) < 20
+
+
+def test_tiny_cli_trains_and_reports(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "vqvae.py"), "--task", "panoptic", "--tiny", "--out_dir",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.load(open(tmp_path / "vqvae_panoptic" / "eval.json"))
+    assert 0 <= res["All"]["pq"] <= 100 and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
+    assert "oracle on 16 held-out scenes" in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "vqvae.py"), "--task", "colorize", "--tiny", "--out_dir",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 2 and "issue 4" in p.stderr and "Traceback" not in p.stderr
