@@ -9,6 +9,9 @@ are restarted by splitting the most used one; code dropout while training.
     python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
     python vqvae.py --task panoptic --tiny
 
+Measured (2 CPU cores, 17 min, results/vqvae/): held-out PQ of the oracle's reconstructions 72.6 (things 53.6,
+stuff 91.5), 463 of 512 codes used. The issue's bar is 85: not reached yet.
+
 Panoptic output representation (UViM): per pixel one-hot semantics (category id, 0 = void) and one-hot
 instance slots (every segment, stuff too, numbered 1..N in raster order of its centre of mass; 0 = void).
 panoptic.py will import `encode(model, target, image) -> codes` and `decode(model, codes, image)`.
