@@ -254,9 +254,9 @@ class CiderD:
             grams = torch.cat([ngrams(tok, k, self.base).view(len(part), -1) for k in range(1, n + 1)], 1)
             g, tf = counts(grams)
             found.append(g[tf > 0])
-        self.df_ids, df = torch.unique(torch.cat(found) if found else torch.zeros(0, dtype=torch.long),
-                                       return_counts=True)
-        self.df_log = df.double().log()
+        ids, df = torch.unique(torch.cat(found + [torch.zeros(0, dtype=torch.long)]), return_counts=True)
+        self.df_ids = torch.cat([torch.tensor([-2]), ids])  # a sentinel below every id: never empty, never hit
+        self.df_log = torch.cat([torch.zeros(1, dtype=torch.float64), df.double().log()])
 
     def vectors(self, tok):
         """tok (M, L) -> per n (sorted ids (M, G), w (M, G): the weight at each id's first place, else 0),
@@ -264,9 +264,8 @@ class CiderD:
         out, norms = [], []
         for k in range(1, self.n + 1):
             ids, tf = counts(ngrams(tok, k, self.base))
-            pos = torch.searchsorted(self.df_ids, ids).clamp(max=max(len(self.df_ids) - 1, 0))
-            hit = (self.df_ids[pos] == ids) if len(self.df_ids) else torch.zeros_like(ids, dtype=torch.bool)
-            w = tf * (self.log_n - torch.where(hit, self.df_log[pos] if len(self.df_ids) else 0.0, 0.0))
+            pos = torch.searchsorted(self.df_ids, ids).clamp(max=len(self.df_ids) - 1)
+            w = tf * (self.log_n - torch.where(self.df_ids[pos] == ids, self.df_log[pos], 0.0))  # df 0: log 1 = 0
             out.append((ids, w))
             norms.append(w.pow(2).sum(-1).sqrt())
         return out, torch.stack(norms, -1), ((tok >= 0).sum(-1) - 1).clamp(min=0)
@@ -396,10 +395,11 @@ def train(args, stage):
     init = args.init or (os.path.join(args.out_dir, "caption", "mle", "ckpt.pt") if stage != "mle" else "")
     ck = common.load_ckpt(init, "caption") if init else None
     rank, world, device, tr, va, meta = setup(args, ck["meta"]["itos"] if ck else None)
-    V, L, master = len(meta["itos"]), meta["max_len"] + 1, rank == 0
     if ck:  # prior: training steps behind the starting point
-        cfg, state, meta = ck["config"], ck["model"], dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
-        L = meta["max_len"] + 1
+        meta = dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
+    V, L, master = len(meta["itos"]), meta["max_len"] + 1, rank == 0
+    if ck:
+        cfg, state = ck["config"], ck["model"]
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, BOS, args.dec_layers, args.patch), None
     raw, model, opt, start, path, meta = common.stage_setup("caption", stage, args, cfg, meta, device, world, state)

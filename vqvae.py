@@ -126,6 +126,7 @@ class VQVAE(nn.Module):
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
+        self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank
 
     def grid(self, x, size):  # (B, N, D) tokens of a square grid -> (B, size * size, D), bilinear
         g = int(x.shape[1] ** 0.5)
@@ -187,8 +188,6 @@ class VQVAE(nn.Module):
             self.counts[lo] = self.counts[hi] = self.counts[hi] / 2
             self.sums[lo] /= 2
             self.sums[hi] /= 2
-
-    gen = torch.Generator().manual_seed(0)  # the restart noise (deterministic, equal on every rank)
 
 
 def encode(model, target, image):
