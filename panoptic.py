@@ -1,24 +1,188 @@
-"""Panoptic segmentation tuned with a PQ reward (paper section 4.1, Tables 1, 4, 5) -- WORK IN PROGRESS.
+"""Panoptic segmentation tuned with a PQ reward (paper section 4.1, Tables 1, 4, 5; UViM, Kolesnikov et al. 2022).
 
-Issue 3 builds this script in steps. Here now: the official metric, `pq_compute`, equal to panopticapi's
-(same arguments, same result structure, same void and crowd rules) without its multiprocessing pool and
-without its crash on an empty group; and the reward's core, `pq_counts` (PQ's per-image counts, in memory,
-vectorized). Still to come: the UViM stage II language model over the VQ codes of vqvae.py, decoding,
-the stages (mle / reward / mle_cont / eval) and the COCO loader.
+Stage I (vqvae.py --task panoptic) learns 256 codes of a panoptic map given the image. Stage II, here: a ViT
+reads the image, a decoder writes the codes (token = code + 1, BOS 0), the frozen oracle decodes them to class
+and instance logits, UViM's decoding makes segments. MLE imitates the oracle's codes of the ground truth; the
+reward stage samples K code sequences, scores each with r = matched IoUs - 0.3 x false positives (PQ's rules)
+and raises the likelihood of those above the mean of the other K-1. `pq_compute` is panopticapi's.
+
+    python vqvae.py --task panoptic && python panoptic.py   # the synthetic world, all stages
+    python panoptic.py --tiny                               # every stage in about a minute (smoke test)
+    python panoptic.py --stage mle|reward|mle_cont|eval
 
     from panoptic import pq_compute
     results = pq_compute("panoptic_val2017.json", "predictions.json", "panoptic_val2017/", "predictions/")
     results["All"]["pq"], results["Things"]["n"], results["per_class"][1]["sq"]
+
+Measured: see the README (results/panoptic/).
 """
+import argparse
 import json
 import os
+import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import common
+import vqvae
 from common import UserError
+
+# -----------------------------------------------------------------------------
+# config: one flat block; presets per data source, explicit flags override
+
+PRESETS = {
+    "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
+                      mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
+                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300),
+    # the paper's Table 5 (ViT-L/16, 24 decoder layers, 512 px); MLE: UViM's stage II (44.6k steps, lr 1e-3)
+    "coco": dict(model="L/16", patch=16, dec_layers=24, batch_size=128, mle_steps=44600, mle_lr=1e-3, mle_warmup=4000,
+                 mle_wd=1e-6, reward_steps=30000, reward_lr=1e-6, reward_warmup=4000, reward_wd=0.0, enc_lr_mult=0.1,
+                 samples=2, eval_images=5000, num_train=0, num_val=0)}
+TINY = dict(dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8, num_train=64, num_val=8,
+            mle_warmup=5, samples=2)
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
+               help="mle: pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE for as "
+                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
+p.add_argument("--data_dir", default="", help="COCO root: annotations/panoptic_<split>.json, ...")
+p.add_argument("--train_split", default="train2017", help="COCO training split name")
+p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
+p.add_argument("--oracle", default="", help="stage I checkpoint (default: out_dir/vqvae_panoptic/ckpt.pt)")
+p.add_argument("--out_dir", default="out", help="stages write out_dir/panoptic/<stage>/")
+p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
+p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
+p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM: 24)")
+p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
+p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
+p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset: mle_wd / reward_wd)")
+p.add_argument("--enc_lr_mult", type=float, default=None, help="encoder learning rate = lr x this (UViM: 0.1)")
+p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
+p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
+p.add_argument("--samples", type=int, default=None, help="segmentations sampled per image in the reward stage (K)")
+p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
+               help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
+p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
+p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
+p.add_argument("--min_segment", type=int, default=0, help="decoding: smaller segments (pixels) become void")
+p.add_argument("--reward", default="pq", choices=["pq"], help="reward to optimize (REWARDS)")
+p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
+p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
+p.add_argument("--compile", action="store_true", help="torch.compile the model for the training forward")
+p.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling noise")
+p.add_argument("--log_every", type=int, default=50, help="print a line every this many steps")
+p.add_argument("--eval_every", type=int, default=0, help="held-out PQ every this many steps (0: at the end)")
+p.add_argument("--ckpt_every", type=int, default=500, help="checkpoint every this many steps")
+p.add_argument("--eval_images", type=int, default=None, help="held-out images to evaluate (preset)")
+p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes (preset)")
+p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes (preset)")
+p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+
+# -----------------------------------------------------------------------------
+# data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted)
+
+MAX_SEGMENTS = 100  # ground-truth segments per image the reward reads (COCO has up to ~90; synthetic <= 8)
+
+
+def load_coco(args, split):
+    """annotations/panoptic_<split>.json, annotations/panoptic_<split>/*.png, <split>/ images -> items
+    {id, file, png, size, segments} and the categories; unreadable images are skipped with a count."""
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"--data_dir {args.data_dir}: no such directory")
+    path = os.path.join(args.data_dir, "annotations", f"panoptic_{split}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (expected the COCO layout annotations/panoptic_<split>.json)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        cats = [dict(id=c["id"], name=c["name"], isthing=c["isthing"]) for c in d["categories"]]
+        ims = {im["id"]: im for im in d["images"]}
+        items = [dict(id=a["image_id"], file=os.path.join(args.data_dir, split, ims[a["image_id"]]["file_name"]),
+                      png=os.path.join(args.data_dir, "annotations", f"panoptic_{split}", a["file_name"]),
+                      size=(ims[a["image_id"]]["width"], ims[a["image_id"]]["height"]), ann=a,
+                      segments=[dict(id=s["id"], category_id=s["category_id"], iscrowd=s.get("iscrowd", 0))
+                                for s in a["segments_info"]]) for a in d["annotations"]]
+        known = {c["id"] for c in cats}
+        bad = [s["category_id"] for it in items for s in it["segments"] if s["category_id"] not in known]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed COCO panoptic json ({type(e).__name__}: {str(e)[:80]})")
+    if bad:
+        raise UserError(f"{path}: segments with category_id {bad[0]}, which is not in its categories")
+    missing = [it["png"] for it in items if not os.path.isfile(it["png"])]
+    if missing:
+        raise UserError(f"{missing[0]}: missing panoptic PNG ({len(missing)} of {len(items)} missing)")
+    return common.readable(items, split), cats
+
+
+def load_data(args):
+    """(train items, held-out items, categories); a synthetic item is a scene of common.SyntheticWorld."""
+    if args.data == "synthetic":
+        return [common.SyntheticWorld(split, n, args.image_size, args.seed).scenes
+                for split, n in [("train", args.num_train), ("val", args.num_val)]] + [common.CATEGORIES]
+    (tr, cats), (va, _) = load_coco(args, args.train_split), load_coco(args, args.val_split)
+    return tr, va, cats
+
+
+class Scenes(torch.utils.data.Dataset):
+    """Items -> (index, image (3, S, S) in [-1, 1], oracle target: one-hot classes + instance slots (C + I, S, S),
+    semantics, instances (S, S); reward's ground truth: segment index (S, S) 0..G, class per index (-1 none),
+    crowd). Class k = the k-th category (0 void); crowd is void in the oracle's target; COCO is resized to S."""
+
+    def __init__(self, items, categories, instances, size):
+        self.items, self.I, self.size, self.categories = items, instances, size, categories
+        self.index = {c["id"]: k + 1 for k, c in enumerate(categories)}  # category id -> class
+        self.C = len(categories) + 1
+
+    def __len__(self):
+        return len(self.items)
+
+    def scene(self, i):  # {image (S, S, 3) uint8, panoptic (S, S) ids, segments}
+        it = self.items[i]
+        if "file" not in it:
+            return it
+        try:
+            img = np.asarray(Image.open(it["file"]).convert("RGB").resize((self.size,) * 2, Image.BILINEAR))
+            png = Image.open(it["png"]).convert("RGB").resize((self.size,) * 2, Image.NEAREST)
+        except OSError as e:
+            raise UserError(f"{it['file']} / {it['png']}: unreadable ({type(e).__name__})")
+        return dict(image=img, panoptic=rgb2id(np.asarray(png)), segments=it["segments"])
+
+    def __getitem__(self, i):
+        s = self.scene(i)
+        segs, G = [dict(x, category_id=self.index[x["category_id"]]) for x in s["segments"]], MAX_SEGMENTS + 1
+        sem, inst = (torch.from_numpy(a) for a in vqvae.canonical(s["panoptic"], [x for x in segs if not x["iscrowd"]]))
+        inst = inst.clamp(max=self.I - 1)  # more segments than slots: the last slot is shared
+        target = torch.cat([F.one_hot(sem, self.C), F.one_hot(inst, self.I)], -1).permute(2, 0, 1).float()
+        img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1
+        idx, cat, crowd = np.zeros(s["panoptic"].shape, np.int64), np.full(G, -1), np.zeros(G, bool)
+        for j, x in enumerate(segs[:MAX_SEGMENTS]):
+            idx[s["panoptic"] == x["id"]] = j + 1
+            cat[j + 1], crowd[j + 1] = x["category_id"], x["iscrowd"] == 1
+        return i, img, target, sem, inst, torch.from_numpy(idx), torch.from_numpy(cat), torch.from_numpy(crowd)
+
+
+def segment(oracle, tokens, image, min_segment=0):
+    """Tokens (N, 256) + images (N, 3, S, S) -> segment index per pixel (N, S, S) (0 = void) and each index's
+    category (N, I) (-1 = none): the oracle's logits, then UViM's decoding (vqvae.to_panoptic)."""
+    logits, C = vqvae.decode(oracle, tokens - 1, image), oracle.c["classes"]
+    seg, cat = vqvae.to_panoptic(logits[:, :C], logits[:, C:])
+    if min_segment > 0:  # small segments become void
+        area = F.one_hot(seg.flatten(1), cat.shape[1]).sum(1)  # (N, I) pixels per segment index
+        cat = torch.where(area >= min_segment, cat, -1)
+        seg = torch.where(cat.gather(1, seg.flatten(1)).view_as(seg) >= 0, seg, 0)
+    return seg, cat
+
 
 # -----------------------------------------------------------------------------
 # reward: PQ's counts per image, in memory and vectorized (no files, no Python loop over segments)
@@ -52,10 +216,26 @@ def pq_reward(counts, fp_weight=0.3):
     return counts["iou"] - fp_weight * counts["fp"]
 
 
+def reward_pq(pred, batch):
+    """r = sum of IoUs of matched segments (same class, IoU > 0.5, void and crowd as PQ) - 0.3 x unmatched
+    predicted segments. pred = (segment index (B, K, H, W), category (B, K, I)); batch: the ground truth
+    gt (B, H, W), gt_cat (B, G+1), gt_crowd (B, G+1) -> r (B, K)."""
+    seg, cat = pred
+    B, K = cat.shape[:2]
+    rep = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
+    c = pq_counts(rep(batch["gt"]), rep(batch["gt_cat"]), rep(batch["gt_crowd"]), seg.flatten(0, 1),
+                  cat.flatten(0, 1))
+    r = pq_reward(c).view(B, K).float()
+    return r, dict(tp=c["tp"].double().mean(), fp=c["fp"].double().mean(), fn=c["fn"].double().mean())
+
+
+REWARDS = {"pq": reward_pq}
+
+
 # -----------------------------------------------------------------------------
 # metric: COCO panoptic format, PQ as panopticapi computes it
 
-VOID, OFFSET = 0, 256 ** 3
+VOID, OFFSET, GROUPS = 0, 256 ** 3, ("All", "Things", "Stuff")
 
 
 def rgb2id(png):
@@ -182,16 +362,236 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
             pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats)
     except (KeyError, TypeError) as e:
         raise UserError(f"{gt_json_file} / {pred_json_file}: malformed COCO panoptic json (missing {e})")
-    results = {}
-    for name, isthing in [("All", None), ("Things", True), ("Stuff", False)]:
-        results[name], per_class = pq_average(stats, categories, isthing)
-        if name == "All":
-            results["per_class"] = per_class
-    return results
+    res = {g: pq_average(stats, categories, t)[0] for g, t in zip(GROUPS, (None, True, False))}
+    return dict(res, per_class=pq_average(stats, categories, None)[1])
+
+
+# -----------------------------------------------------------------------------
+# eval: greedy codes -> segments; PQ in memory while training, through files (COCO panoptic format) at eval
+
+
+@torch.no_grad()
+def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
+    """Greedy segmentations of the first n_images -> [(segment index (S, S) uint32, {index: category id})].
+    model None: the oracle's reconstruction of the ground truth (the ceiling of any code sequence)."""
+    out, allowed = [], vqvae.allowed_tokens(oracle.c["codebook"], device)
+    for idx, img, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
+                                                            batch_size=batch_size):
+        img = img.to(device)
+        with common.autocast(device):
+            tok = vqvae.encode(oracle, target.to(device), img) + 1 if model is None else \
+                common.sample(model.eval(), img, 256, 1, 0, allowed=allowed)[0][:, 0]
+        out += as_segments(*segment(oracle, tok, img, min_segment), ds.categories)
+    if model is not None:
+        model.train()
+    return out
+
+
+def as_segments(seg, cat, categories):
+    """(N, S, S), (N, I) tensors of classes -> [(segment index (S, S) uint32, {index: category id})]."""
+    return [(sg, {q: categories[c - 1]["id"] for q, c in enumerate(ct) if c > 0 and (sg == q).any()})
+            for sg, ct in zip(seg.cpu().numpy().astype(np.uint32), cat.cpu().tolist())]
+
+
+def pq_in_memory(preds, ds):
+    """PQ (in %, pq_compute's structure) against the ground truth at the model's resolution: a fast check
+    while training; the eval stage scores files at the original resolution with pq_compute."""
+    stats, cats = {}, {c["id"]: c for c in ds.categories}
+    for i, (sg, pc) in enumerate(preds):
+        s = ds.scene(i)
+        gt = {x["id"]: dict(x, area=int((s["panoptic"] == x["id"]).sum())) for x in s["segments"]}  # at this size
+        pq_image(s["panoptic"].astype(np.uint32), gt, sg,
+                 {q: dict(category_id=c, area=int((sg == q).sum())) for q, c in pc.items()}, stats)
+    return {g: {k: v if k == "n" else 100 * v for k, v in pq_average(stats, cats, t)[0].items()}
+            for g, t in zip(GROUPS, (None, True, False))}
+
+
+def write_coco(folder, json_path, annotations, categories=None):
+    """[(image_id, ids (H, W), [segments_info])] -> a COCO panoptic folder of PNGs + json."""
+    os.makedirs(folder, exist_ok=True)
+    for image_id, ids, _ in annotations:
+        Image.fromarray(id2rgb(ids)).save(os.path.join(folder, f"{image_id:06d}.png"))
+    with open(json_path, "w") as f:
+        json.dump(dict(categories=categories or [], annotations=[dict(
+            image_id=i, file_name=f"{i:06d}.png", segments_info=segs) for i, _, segs in annotations]), f)
+
+
+# -----------------------------------------------------------------------------
+# stages
+
+
+def setup(args):
+    rank, world, device = common.ddp_setup()
+    torch.manual_seed(args.seed)
+    path = args.oracle or os.path.join(args.out_dir, "vqvae_panoptic", "ckpt.pt")
+    oracle = vqvae.load(path, "panoptic", device)
+    args.image_size = oracle.c["image_size"]
+    tr, va, cats = load_data(args)
+    if [c["id"] for c in cats] != [c["id"] for c in oracle.c["categories"]]:
+        raise UserError(f"{path}: an oracle of other categories than this data's")
+    tr, va = (Scenes(x, cats, oracle.c["instances"], args.image_size) for x in (tr, va))
+    return rank, world, device, oracle, path, tr, va
+
+
+def train(args, stage):
+    """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on the oracle's codes of the
+    ground truth. Reward: sample K code sequences, decode to segments, PQ reward, REINFORCE (leave-one-out)."""
+    init = args.init or (os.path.join(args.out_dir, "panoptic", "mle", "ckpt.pt") if stage != "mle" else "")
+    ck = common.load_ckpt(init, "panoptic") if init else None
+    rank, world, device, oracle, oracle_path, tr, va = setup(args)
+    V, L, master = oracle.c["codebook"] + 1, 256, rank == 0
+    meta = dict(oracle=oracle_path, reward=args.reward)
+    if ck:  # prior: training steps behind the starting point
+        meta = dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
+        cfg, state = ck["config"], ck["model"]
+    else:
+        cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
+    if cfg["vocab"] != V:
+        raise UserError(f"{init}: a model of {cfg['vocab'] - 1} codes, the oracle {oracle_path} has {V - 1}")
+    raw, model, opt, start, path, meta = common.stage_setup("panoptic", stage, args, cfg, meta, device, world, state)
+    if not ck and start == 0 and args.init_encoder:
+        common.load_timm_encoder(raw, args.init_encoder)
+    allowed = vqvae.allowed_tokens(V - 1, device)
+    log = common.Logger(os.path.dirname(path), master, resume=start > 0)
+    common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train images, "
+                  f"{V - 1} codes, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
+    sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
+    loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
+    b = args.batch_size // world
+    mb = args.micro_batch or b
+    t0 = time.time()
+    for step, (idx, img, target, _, _, gt, gt_cat, gt_crowd) in enumerate(tqdm(
+            loader, disable=not master, initial=start, total=args.steps, desc=stage), start):
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
+        img, target = img.to(device), target.to(device)
+
+        def mle_micro(s):
+            tok = vqvae.encode(oracle, target[s], img[s]) + 1  # (b, 256)
+            with common.autocast(device):
+                loss, _, st = common.mle_loss(model, img[s], tok, torch.ones_like(tok, dtype=torch.float), allowed)
+            return loss, st
+
+        def reward_micro(s):
+            noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
+            with common.autocast(device):
+                tok, _ = common.sample(raw, img[s], L, args.samples, args.temperature, noise=noise, allowed=allowed)
+            K = args.samples
+            seg, cat = segment(oracle, tok.flatten(0, 1), img[s].repeat_interleave(K, 0), args.min_segment)
+            batch = dict(gt=gt[s].to(device), gt_cat=gt_cat[s].to(device), gt_crowd=gt_crowd[s].to(device))
+            r, aux = REWARDS[args.reward]((seg.view(-1, K, *seg.shape[1:]), cat.view(-1, K, cat.shape[1])), batch)
+            with common.autocast(device):
+                loss, _, _, _, st = common.reinforce_loss(model, img[s], tok, r, torch.ones_like(tok, dtype=torch.bool),
+                                                          args.baseline, args.grad_on, allowed)
+            return loss, dict(st, reward=r.mean(), **aux)
+
+        micro = reward_micro if stage == "reward" else mle_micro
+        stats = common.train_step(model, opt, args, [lambda s=slice(i, i + mb): micro(s) for i in range(0, b, mb)],
+                                  world)
+        if args.stop_at and step + 1 >= args.stop_at:
+            common.print0(f"stopping after step {step + 1} without saving (--stop_at)")
+            return
+        done = step + 1 == args.steps
+        if (step + 1) % args.log_every == 0 or done:
+            log(step + 1, lr=opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
+                s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
+        if master and ((step + 1) % args.ckpt_every == 0 or done):
+            common.save_stage(path, "panoptic", raw, opt, step + 1, args, meta)
+        if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
+            res = pq_in_memory(predict(raw, oracle, va, device, args.eval_images, args.min_segment), va)
+            log(step + 1, **{f"val_{g}_{k}": v for g, d in res.items() for k, v in d.items()})
+    log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
+    common.ddp_cleanup()
+
+
+PALETTE = np.random.default_rng(3).integers(40, 256, (256, 3)).astype(np.uint8)
+
+
+def picture(ids, cats, scene_image):
+    """A segmentation as a picture: each segment a colour of its category, blended with the image."""
+    col = np.zeros(ids.shape + (3,), np.uint8)
+    for q, c in cats.items():
+        col[ids == q] = (PALETTE[c] * 0.6 + PALETTE[(q * 37) % 256] * 0.4).astype(np.uint8)
+    return Image.fromarray((0.75 * col + 0.25 * scene_image).astype(np.uint8))
+
+
+def evaluate(args):
+    """Every checkpoint that exists, side by side: predictions and ground truth in COCO panoptic format
+    (PNG folders + json), PQ by pq_compute over those files, metrics.json, table.md, a grid."""
+    base = os.path.join(args.out_dir, "panoptic")
+    paths = {n: os.path.join(base, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
+    paths = {n: q for n, q in paths.items() if os.path.exists(q)}
+    if not paths:
+        raise UserError(f"no checkpoint under {base}: run --stage mle first")
+    cks = {n: common.load_ckpt(q, "panoptic") for n, q in paths.items()}
+    rank, world, device, oracle, _, tr, va = setup(args)
+    if rank:
+        return common.ddp_cleanup()
+    out = os.path.join(base, "eval")
+    n = min(args.eval_images, len(va))
+    items, gt_json = va.items[:n], os.path.join(out, "gt.json")
+    image_ids = [it.get("id", i) for i, it in enumerate(items)]
+    if "file" in items[0]:  # COCO: the original PNGs and the evaluated images' annotations
+        gt_folder = os.path.join(args.data_dir, "annotations", f"panoptic_{args.val_split}")
+        os.makedirs(out, exist_ok=True)
+        with open(gt_json, "w") as f:
+            json.dump(dict(categories=va.categories, annotations=[it["ann"] for it in items]), f)
+    else:
+        gt_folder = os.path.join(out, "gt")
+        write_coco(gt_folder, gt_json, [(i, it["panoptic"].astype(np.uint32), it["segments"])
+                                        for i, it in zip(image_ids, items)], va.categories)
+    preds, rows = {"oracle": predict(None, oracle, va, device, n, args.min_segment)}, {}
+    for name, ck in cks.items():
+        model = common.build_model(ck["config"], device, ck["model"], paths[name])
+        preds[name] = predict(model, oracle, va, device, n, args.min_segment)
+    for name, pr in preds.items():
+        pj = os.path.join(out, f"pred_{name}.json")
+        full = [sg if "size" not in it else  # back to the original resolution
+                np.asarray(Image.fromarray(sg.astype(np.int32)).resize(it["size"], Image.NEAREST)).astype(np.uint32)
+                for it, (sg, _) in zip(items, pr)]
+        write_coco(os.path.join(out, f"pred_{name}"), pj, [(i, sg, [dict(id=q, category_id=c) for q, c in cats.items()])
+                                                          for i, sg, (_, cats) in zip(image_ids, full, pr)])
+        res = pq_compute(gt_json, pj, gt_folder, os.path.join(out, f"pred_{name}"))
+        ck, prior = cks.get(name), cks[name]["meta"].get("prior", 0) if name in cks else 0  # steps e.g. "1500+300"
+        rows[name] = dict({g: {k: v if k == "n" else 100 * v for k, v in res[g].items()} for g in GROUPS},
+                          steps="-" if ck is None else f"{prior}+{ck['step']}" if prior else str(ck["step"]),
+                          segments=float(np.mean([len(c) for _, c in pr])))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    table = ["| model | steps | PQ | SQ | RQ | PQ things | PQ stuff | segments/img |", "|---" * 8 + "|"]
+    table += [f"| {k} | {r['steps']} | {r['All']['pq']:.1f} | {r['All']['sq']:.1f} | {r['All']['rq']:.1f} | "
+              f"{r['Things']['pq']:.1f} | {r['Stuff']['pq']:.1f} | {r['segments']:.2f} |" for k, r in rows.items()]
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"held-out {n} images, greedy codes\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))
+    grid = [[Image.fromarray(s["image"]), picture(s["panoptic"], {g["id"]: g["category_id"] for g in s["segments"]},
+                                                  s["image"])] + [picture(*preds[k][i], s["image"]) for k in cks]
+            for i, s in enumerate(va.scene(i) for i in range(min(8, n)))]  # at the model's resolution
+    common.save_grid(grid, ["image", "ground truth"] + list(cks), os.path.join(out, "grid.png"))
+    print(f"wrote {out}/metrics.json, table.md, gt.json + gt/, pred_<model>.json + pred_<model>/, grid.png")
 
 
 def main():
-    raise UserError("panoptic.py: the model stages are not written yet (issue 3); pq_compute is importable")
+    args = p.parse_args()
+    preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
+    if args.data == "coco" and not args.data_dir:
+        raise UserError("--data coco needs --data_dir")
+    for k in ["model", "patch", "dec_layers", "batch_size", "samples", "enc_lr_mult", "eval_images", "num_train",
+              "num_val"]:
+        if getattr(args, k) is None:
+            setattr(args, k, preset[k])
+    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
+    for stage in stages:
+        kind = "reward" if stage == "reward" else "mle"
+        for k, v in given.items():
+            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
+        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
+            args.steps = given["steps"] or preset["reward_steps"]
+        if stage == "eval":
+            evaluate(args)
+        else:
+            train(args, stage)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """UViM stage I: the VQ-VAE "oracle" that turns a task output into 256 discrete codes (Kolesnikov et al. 2022),
-for panoptic.py (and, with its colour task, colorize.py) -- WORK IN PROGRESS (issue 3: panoptic part).
+for panoptic.py and colorize.py.
 
 A ViT autoencoder over the task output with the image as context, added to the inputs of both its encoder
-and decoder (so the codes only carry what the image does not tell). Bottleneck: a 16 x 16 grid = 256 codes;
+and decoder (so the codes only carry what the image does not tell). Bottleneck: a 16 x 16 grid = 256 codes
+(on a coarser token grid each token writes and reads its r x r codes as one vector: all 256 carry information);
 cosine VQ (standardized vectors, unit-norm codewords, straight-through) with an EMA codebook whose dead codes
 are restarted by splitting the most used one; code dropout while training.
 
     python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
+    python vqvae.py --task colorize     # the colour oracle (gray image as context), report its PSNR
+    python vqvae.py --task colorize --data folder --data_dir ~/photos
     python vqvae.py --task panoptic --tiny
 
 Measured (2 CPU cores, 17 min, results/vqvae/): held-out PQ of the oracle's reconstructions 72.6 (things 53.6,
@@ -14,7 +17,9 @@ stuff 91.5), 463 of 512 codes used. The issue's bar is 85: not reached yet.
 
 Panoptic output representation (UViM): per pixel one-hot semantics (category id, 0 = void) and one-hot
 instance slots (every segment, stuff too, numbered 1..N in raster order of its centre of mass; 0 = void).
-panoptic.py will import `encode(model, target, image) -> codes` and `decode(model, codes, image)`.
+Colour output (UViM): RGB in [-1, 1], squared-error loss; the context is the gray image (colorize.to_gray).
+panoptic.py / colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`
+and `decode(model, codes, image) -> output (B, C, H, W)`.
 """
 import argparse
 import json
@@ -34,18 +39,34 @@ from common import UserError
 # -----------------------------------------------------------------------------
 # config
 
-PRESETS = {"synthetic": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32,
-                             instances=16, batch_size=32, steps=2000, lr=1e-3, warmup=100, eval_images=500,
-                             num_train=10000, num_val=500)}
+PRESETS = {  # "<data>/<task>"
+    "synthetic/panoptic": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32,
+                               instances=16, batch_size=32, steps=2000, lr=1e-3, warmup=100, eval_images=500,
+                               num_train=10000, num_val=500),
+    "synthetic/colorize": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=256, code_dim=32,
+                               instances=0, batch_size=32, steps=1000, lr=1e-3, warmup=100, eval_images=300,
+                               num_train=10000, num_val=300),
+    # UViM's COCO oracle: 512 px, patch 16 (32 x 32 tokens pooled to 16 x 16 codes), 4096 codes, 100 instances
+    "coco/panoptic": dict(image_size=512, patch=16, width=768, depth=6, heads=12, codebook=4096, code_dim=32,
+                          instances=100, batch_size=1024, steps=111500, lr=4e-4, warmup=4000, eval_images=5000,
+                          num_train=0, num_val=0),
+    # real photos (UViM's ImageNet oracle: 512 px, patch 16, ViT-B width, 4096 codes; here a CPU-sized start)
+    "folder/colorize": dict(image_size=128, patch=8, width=256, depth=4, heads=8, codebook=1024, code_dim=32,
+                            instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
+                            num_train=0, num_val=500)}
 TINY = dict(image_size=32, patch=2, width=64, depth=1, codebook=64, batch_size=8, steps=30, warmup=5, eval_images=16,
             num_train=64, num_val=16)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"], help="what the codes encode")
-p.add_argument("--data", default="synthetic", choices=["synthetic"], help="data source (COCO: not yet)")
+p.add_argument("--data", default="synthetic", choices=["synthetic", "folder", "coco"],
+               help="data source: the synthetic world, a folder of photos (colorize), COCO panoptic (panoptic)")
+p.add_argument("--data_dir", default="", help="the folder of photos, or the COCO root (see panoptic.py)")
+p.add_argument("--train_split", default="train2017", help="COCO training split name")
+p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
 p.add_argument("--out_dir", default="out", help="writes out_dir/vqvae_<task>/ckpt.pt, log.jsonl, eval.json")
 p.add_argument("--image_size", type=int, default=None, help="square resolution of image and output (preset)")
-p.add_argument("--patch", type=int, default=None, help="ViT patch; the token grid is resized to 16 x 16 codes")
+p.add_argument("--patch", type=int, default=None, help="ViT patch (8 x 8 tokens: each owns 2 x 2 of the 16 x 16 codes)")
 p.add_argument("--width", type=int, default=None, help="transformer width (UViM: 768)")
 p.add_argument("--depth", type=int, default=None, help="encoder depth; the decoder has twice as many blocks")
 p.add_argument("--heads", type=int, default=None, help="attention heads")
@@ -69,7 +90,9 @@ p.add_argument("--log_every", type=int, default=100, help="print a line every th
 p.add_argument("--ckpt_every", type=int, default=500, help="checkpoint every this many steps")
 p.add_argument("--eval_images", type=int, default=None, help="held-out images for the oracle's report")
 p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes")
-p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes")
+p.add_argument("--num_val", type=int, default=None, help="held-out images: synthetic scenes, or photos taken out "
+                                                          "of the folder (at most 10%%)")
+p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (folder)")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps (smoke test)")
 
 # -----------------------------------------------------------------------------
@@ -120,7 +143,11 @@ class VQVAE(nn.Module):
         self.enc = nn.ModuleList(common.Block(d, c["heads"]) for _ in range(c["depth"]))
         self.dec = nn.ModuleList(common.Block(d, c["heads"]) for _ in range(2 * c["depth"]))
         self.enc_ln, self.dec_ln = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.to_code, self.from_code = nn.Linear(d, c["code_dim"]), nn.Linear(c["code_dim"], d)
+        if (16 % g if g <= 16 else g % 16):
+            raise UserError(f"a {g} x {g} token grid (image_size / patch) does not tile the 16 x 16 codes")
+        self.g, self.r = g, max(1, 16 // g)  # a token owns r x r codes (g <= 16), or g/16 x g/16 tokens share one
+        self.to_code = nn.Linear(d, c["code_dim"] * self.r ** 2)
+        self.from_code = nn.Linear(c["code_dim"] * self.r ** 2, d)
         self.head = nn.Linear(d, p * p * c["out_chans"])
         nn.init.zeros_(self.head.weight)  # UViM: zero-initialized output head
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
@@ -128,11 +155,16 @@ class VQVAE(nn.Module):
         self.register_buffer("counts", torch.ones(c["codebook"]))
         self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank
 
-    def grid(self, x, size):  # (B, N, D) tokens of a square grid -> (B, size * size, D), bilinear
-        g = int(x.shape[1] ** 0.5)
-        if g == size:
-            return x
-        x = F.interpolate(x.transpose(1, 2).reshape(x.shape[0], -1, g, g), (size, size), mode="bilinear")
+    def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); each code its own vector, no averaging
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, self.g, self.g)
+        x = F.avg_pool2d(x, self.g // 16) if self.g > 16 else x
+        z = F.pixel_shuffle(self.to_code(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), self.r)  # (B, code_dim, 16, 16)
+        return z.flatten(2).transpose(1, 2)
+
+    def tokens_of(self, q):  # (B, 256, code_dim) -> (B, g*g, D): the inverse layout
+        x = F.pixel_unshuffle(q.transpose(1, 2).reshape(q.shape[0], -1, 16, 16), self.r)
+        x = self.from_code(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, 16 / r, 16 / r)
+        x = F.interpolate(x, scale_factor=self.g // 16) if self.g > 16 else x
         return x.flatten(2).transpose(1, 2)
 
     def encode_z(self, target, image):  # -> standardized pre-quantized vectors (B, 256, code_dim)
@@ -140,7 +172,7 @@ class VQVAE(nn.Module):
         x = x + self.enc_pos
         for b in self.enc:
             x = b(x)
-        z = self.to_code(self.grid(self.enc_ln(x), 16))
+        z = self.codes_of(self.enc_ln(x))
         return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
 
     def codewords(self):
@@ -151,7 +183,7 @@ class VQVAE(nn.Module):
 
     def decode_codes(self, q, image):  # q (B, 256, code_dim) code vectors -> logits (B, out_chans, H, W)
         p, s = self.c["patch"], self.c["image_size"]
-        x = self.grid(self.from_code(q), s // p) + self.dec_ctx(image).flatten(2).transpose(1, 2) + self.dec_pos
+        x = self.tokens_of(q) + self.dec_ctx(image).flatten(2).transpose(1, 2) + self.dec_pos
         for b in self.dec:
             x = b(x)
         y = self.head(self.dec_ln(x)).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
@@ -190,6 +222,13 @@ class VQVAE(nn.Module):
             self.sums[hi] /= 2
 
 
+def allowed_tokens(codebook, device):
+    """Stage II's vocabulary mask (256, codebook + 1): any code anywhere, never BOS (0 would decode as code -1)."""
+    a = torch.ones(256, codebook + 1, dtype=torch.bool, device=device)
+    a[:, 0] = False
+    return a
+
+
 def encode(model, target, image):
     """Frozen oracle: task output (one-hot, (B, C, H, W)) + image -> codes (B, 256)."""
     with torch.no_grad():
@@ -206,27 +245,37 @@ def decode(model, codes, image):
 # data
 
 
-class PanopticTargets(torch.utils.data.Dataset):
-    """Synthetic scenes -> (index, image in [-1, 1], one-hot target (C + I, H, W), semantics, instances)."""
-
-    def __init__(self, scenes, num_classes, instances):
-        self.scenes, self.C, self.I = scenes, num_classes, instances
-
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, i):
-        s = self.scenes[i]
-        sem, inst = (torch.from_numpy(a) for a in canonical(s["panoptic"], s["segments"]))
-        inst = inst.clamp(max=self.I - 1)  # more segments than slots: the last slot is shared
-        target = torch.cat([F.one_hot(sem, self.C), F.one_hot(inst, self.I)], -1).permute(2, 0, 1).float()
-        img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1
-        return i, img, target, sem, inst
+def datasets(args):
+    """(train, held-out) datasets of (index, context image (3, S, S) in [-1, 1], target (out_chans, S, S), ...),
+    out_chans and the categories. panoptic (panoptic.Scenes): image, one-hot classes + instance slots,
+    semantics, instances; colorize (colorize.Photos): the gray image, the colours in [-1, 1]."""
+    if args.task == "colorize":
+        import colorize  # here, not at the top: colorize.py imports this file
+        tr, va = colorize.load_data(args)
+        return colorize.Photos(tr, args.image_size), colorize.Photos(va, args.image_size), 3, []
+    import panoptic
+    tr, va, cats = panoptic.load_data(args)
+    tr, va = (panoptic.Scenes(x, cats, args.instances, args.image_size) for x in (tr, va))
+    return tr, va, len(cats) + 1 + args.instances, cats
 
 
-def collate(batch):
-    idx, img, target, sem, inst = zip(*batch)
-    return torch.tensor(idx), torch.stack(img), torch.stack(target), torch.stack(sem), torch.stack(inst)
+def loss_fn(task, logits, target, extra, classes):
+    """panoptic: cross-entropy of the semantic class and of the instance slot per pixel (UViM);
+    colorize: squared error of the colours in [-1, 1] (UViM's L2)."""
+    if task == "colorize":
+        return F.mse_loss(logits, target)
+    sem, inst = extra[:2]
+    return F.cross_entropy(logits[:, :classes], sem) + F.cross_entropy(logits[:, classes:], inst)
+
+
+def load(path, task, device):
+    """A trained oracle, frozen, for stage II (panoptic.py / colorize.py)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no oracle; train it first: python vqvae.py --task {task}")
+    ck = common.load_ckpt(path, f"vqvae_{task}")
+    model = VQVAE(ck["config"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -234,32 +283,35 @@ def collate(batch):
 
 
 @torch.no_grad()
-def report(model, ds, n, device, C):
+def report_colorize(model, ds, n, device):
+    """PSNR (dynamic range 2, UViM's evaluator) of the reconstructions, their colorfulness against the truth's."""
+    import colorize
+    model.eval()
+    used, rows = torch.zeros(model.c["codebook"], dtype=torch.bool), []
+    for idx, gray, rgb in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n, len(ds)))), 64):
+        gray, rgb = gray.to(device), rgb.to(device)
+        codes = encode(model, rgb, gray)
+        used[codes.flatten().cpu()] = True
+        rec = (decode(model, codes, gray).clamp(-1, 1) + 1) / 2
+        rows.append(torch.stack([colorize.psnr(rec, (rgb + 1) / 2), colorize.colorfulness(rec)[0],
+                                 colorize.colorfulness((rgb + 1) / 2)[0]], 1).cpu())
+    model.train()
+    m = torch.cat(rows).mean(0).tolist()
+    return dict(psnr=m[0], colorfulness=m[1], truth_colorfulness=m[2], codes_used=int(used.sum()))
+
+
+@torch.no_grad()
+def report_panoptic(model, ds, n, device):
+    """PQ of the reconstructions (panoptic.py's decoding and in-memory pq_compute), codebook usage."""
     import panoptic  # here, not at the top: panoptic.py imports this file
     model.eval()
-    stats, used = {}, torch.zeros(model.c["codebook"], dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n, len(ds)))), batch_size=64,
-                                         collate_fn=collate)
-    for idx, img, target, sem, inst in loader:
-        img, target = img.to(device), target.to(device)
-        codes = encode(model, target, img)
+    used, preds = torch.zeros(model.c["codebook"], dtype=torch.bool), []
+    for idx, img, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=64):
+        codes = encode(model, target.to(device), img.to(device))
         used[codes.flatten().cpu()] = True
-        logits = decode(model, codes, img)
-        seg, cat = to_panoptic(logits[:, :C], logits[:, C:])
-        for j, i in enumerate(idx.tolist()):
-            s = ds.scenes[i]
-            gt_segs = {x["id"]: dict(x, area=int((s["panoptic"] == x["id"]).sum())) for x in s["segments"]}
-            pred_segs = {q: dict(category_id=int(cat[j, q]), area=int((seg[j] == q).sum()))
-                         for q in range(1, cat.shape[1]) if cat[j, q] >= 0 and (seg[j] == q).any()}
-            panoptic.pq_image(s["panoptic"].astype(np.uint32), gt_segs, seg[j].cpu().numpy().astype(np.uint32),
-                              pred_segs, stats)
+        preds += panoptic.as_segments(*panoptic.segment(model, codes + 1, img.to(device)), ds.categories)
     model.train()
-    res = {}
-    for name, isthing in [("All", None), ("Things", True), ("Stuff", False)]:
-        res[name] = {k: (100 * v if k != "n" else v) for k, v in
-                     panoptic.pq_average(stats, {c["id"]: c for c in common.CATEGORIES}, isthing)[0].items()}
-    res["codes_used"] = int(used.sum())
-    return res
+    return dict(panoptic.pq_in_memory(preds, ds), codes_used=int(used.sum()))
 
 
 # -----------------------------------------------------------------------------
@@ -269,18 +321,13 @@ def report(model, ds, n, device, C):
 def train(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
-    if args.task != "panoptic":
-        raise UserError("vqvae.py --task colorize: not written yet (issue 4)")
     if args.image_size % args.patch:
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch {args.patch}")
-    C = len(common.CATEGORIES) + 1  # semantic classes incl. void
-    tr = PanopticTargets(common.SyntheticWorld("train", args.num_train, args.image_size, args.seed).scenes, C,
-                         args.instances)
-    va = PanopticTargets(common.SyntheticWorld("val", args.num_val, args.image_size, args.seed).scenes, C,
-                         args.instances)
+    tr, va, out_chans, cats = datasets(args)
+    C = len(cats) + 1 if args.task == "panoptic" else 0  # semantic classes incl. void
     cfg = dict(image_size=args.image_size, patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
-               codebook=args.codebook, code_dim=args.code_dim, out_chans=C + args.instances, classes=C,
-               instances=args.instances)
+               codebook=args.codebook, code_dim=args.code_dim, out_chans=out_chans, classes=C,
+               instances=args.instances, categories=cats)
     out = os.path.join(args.out_dir, f"vqvae_{args.task}")
     path, start = os.path.join(out, "ckpt.pt"), 0
     raw = VQVAE(cfg).to(device)
@@ -295,18 +342,17 @@ def train(args):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     log = common.Logger(out, rank == 0, resume=start > 0)
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
-    loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
     t0 = time.time()
-    for step, (idx, img, target, sem, inst) in enumerate(tqdm(loader, disable=rank > 0, initial=start,
-                                                               total=args.steps, desc="vqvae"), start):
+    for step, (idx, ctx, target, *extra) in enumerate(tqdm(loader, disable=rank > 0, initial=start,
+                                                           total=args.steps, desc="vqvae"), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "cosine")
-        img, target, sem, inst = img.to(device), target.to(device), sem.to(device), inst.to(device)
+        ctx, target, extra = ctx.to(device), target.to(device), [e.to(device) for e in extra]
         gen = torch.Generator().manual_seed(args.seed * 7919 + step) if args.code_dropout else None
 
         def micro():
-            logits, codes = model(target, img, gen)
-            loss = F.cross_entropy(logits[:, :C], sem) + F.cross_entropy(logits[:, C:], inst)
-            return loss, dict(used=codes.unique().numel())
+            logits, codes = model(target, ctx, gen)
+            return loss_fn(args.task, logits, target, extra, C), dict(used=codes.unique().numel())
         stats = common.train_step(model, opt, args, [micro], world)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log(step + 1, lr=opt.param_groups[0]["lr"], s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
@@ -314,20 +360,32 @@ def train(args):
             common.save_ckpt(path, task=f"vqvae_{args.task}", model=raw.state_dict(), optimizer=opt.state_dict(),
                              step=step + 1, config=cfg, args=vars(args))
     if rank == 0:
-        res = report(raw, va, args.eval_images, device, C)
-        log(args.steps, **{f"val_{k}_{m}": v for k, d in res.items() if isinstance(d, dict) for m, v in d.items()},
-            val_codes_used=res["codes_used"])
+        n = min(args.eval_images, len(va))
+        if args.task == "panoptic":
+            res = report_panoptic(raw, va, n, device)
+            log(args.steps, **{f"val_{k}_{m}": v for k, d in res.items() if isinstance(d, dict) for m, v in d.items()},
+                val_codes_used=res["codes_used"])
+            print(f"oracle on {n} held-out scenes: PQ {res['All']['pq']:.1f} (things {res['Things']['pq']:.1f}, "
+                  f"stuff {res['Stuff']['pq']:.1f}), {res['codes_used']} of {args.codebook} codes used")
+        else:
+            res = report_colorize(raw, va, n, device)
+            log(args.steps, **{f"val_{k}": v for k, v in res.items()})
+            print(f"oracle on {n} held-out images: PSNR {res['psnr']:.2f} dB, colorfulness {res['colorfulness']:.3f} "
+                  f"(truth {res['truth_colorfulness']:.3f}), {res['codes_used']} of {args.codebook} codes used")
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(res, f, indent=1)
-        print(f"oracle on {min(args.eval_images, len(va))} held-out scenes: PQ {res['All']['pq']:.1f} (things "
-              f"{res['Things']['pq']:.1f}, stuff {res['Stuff']['pq']:.1f}), {res['codes_used']} of "
-              f"{args.codebook} codes used; wrote {out}/eval.json")
+        print(f"wrote {out}/eval.json")
     common.ddp_cleanup()
 
 
 def main():
     args = p.parse_args()
-    preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
+    key = f"{args.data}/{args.task}"
+    if key not in PRESETS:
+        raise UserError(f"--task {args.task} --data {args.data}: no such combination ({', '.join(PRESETS)})")
+    if args.data != "synthetic" and not args.data_dir:
+        raise UserError(f"--data {args.data} needs --data_dir")
+    preset = dict(PRESETS[key], **(TINY if args.tiny else {}))
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

@@ -11,7 +11,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import caption  # noqa: E402
+import colorize  # noqa: E402
 import detect  # noqa: E402
+import panoptic  # noqa: E402
+import vqvae  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--batch", type=int, default=32, help="images per step")
@@ -107,6 +110,38 @@ except ImportError:
     measured, met = f"{B * K / t_ours:,.0f} items/s (pycocoevalcap not installed)", None
 rows.append((f"caption reward (CIDEr-D): {B} images x {K} samples x 5 refs, ours vs pycocoevalcap", measured,
              ">= 10x", {True: "yes", False: "NO", None: "?"}[met]))
+# 4. UViM tasks (synthetic presets, untrained weights: the timing is the same): the reward step is sample 256
+# codes -> the frozen oracle decodes them -> reward -> one forward/backward; the reward's share of it
+B, K = args.batch // 2, 2
+vq = dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32, instances=16)
+C = len(common.CATEGORIES) + 1
+oracle = vqvae.VQVAE(dict(vq, out_chans=C + 16, classes=C)).eval().requires_grad_(False)
+ds = panoptic.Scenes(common.SyntheticWorld("val", B, 64, 0).scenes, C, 16)
+idx, imgs, target, _, _, gt, gt_cat, gt_crowd = torch.utils.data.default_collate([ds[i] for i in range(B)])
+m = common.EncoderDecoder(common.model_config("tiny", 64, 513, 256, 0, 3, 8))
+opt = torch.optim.AdamW(m.parameters(), 1e-4)
+allowed = vqvae.allowed_tokens(512, "cpu")
+t_mle = best(lambda: common.mle_loss(m, imgs, vqvae.encode(oracle, target, imgs) + 1, torch.ones(B, 256))[0].backward())
+t_sample = best(lambda: common.sample(m, imgs, 256, K, allowed=allowed), n=1)
+tok, _ = common.sample(m, imgs, 256, K, allowed=allowed)
+rep = imgs.repeat_interleave(K, 0)
+t_decode = best(lambda: panoptic.segment(oracle, tok.flatten(0, 1), rep))
+seg, cat = panoptic.segment(oracle, tok.flatten(0, 1), rep)
+pred, gtb = (seg.view(B, K, 64, 64), cat.view(B, K, -1)), dict(gt=gt, gt_cat=gt_cat, gt_crowd=gt_crowd)
+t_reward = best(lambda: panoptic.reward_pq(pred, gtb))
+r, _ = panoptic.reward_pq(pred, gtb)
+t_fb = best(lambda: common.reinforce_loss(m, imgs, tok, r, torch.ones_like(tok, dtype=torch.bool), "loo", "all",
+                                          allowed)[0].backward())
+t_step = t_sample + t_decode + t_reward + t_fb
+rows.append((f"panoptic reward (pq): {B * K} samples of 64 x 64", f"{B * K / t_reward:,.0f} items/s, "
+             f"{100 * t_reward / t_step:.1f}% of the step", "<= 10% of the step", "yes" if t_reward / t_step <= .1 else "NO"))
+rows.append((f"panoptic reward step K={K} (sample {t_sample * 1e3:.0f} + oracle decode {t_decode * 1e3:.0f} + reward "
+             f"{t_reward * 1e3:.0f} + fwd/bwd {t_fb * 1e3:.0f} ms) vs MLE step {t_mle * 1e3:.0f} ms",
+             f"{t_step / t_mle:.2f}x", "", ""))
+col = torch.rand(B, K, 3, 64, 64)
+t_col = best(lambda: colorize.reward_colorfulness(col, {}))
+rows.append((f"colorize reward (colorfulness): {B * K} images of 64 x 64", f"{B * K / t_col:,.0f} items/s, "
+             f"{100 * t_col / (t_step - t_reward + t_col):.1f}% of the step", "", ""))
 rows.append(("peak memory (max RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", "", ""))
 
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}\n")

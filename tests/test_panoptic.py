@@ -170,3 +170,88 @@ def test_in_memory_counts_agree_with_pq_compute_per_image():
     assert (seen > 20).all()  # the random cases exercise matches, false positives, misses and crowds
     r = panoptic.pq_reward(c)
     assert torch.allclose(r, c["iou"] - 0.3 * c["fp"])
+
+
+# ----------------------------------------------------------------------------- the COCO panoptic layout, end to end
+COCO_CATS = [dict(id=3, name="cat", isthing=1), dict(id=17, name="dog", isthing=1),
+             dict(id=120, name="wall", isthing=0), dict(id=184, name="sky", isthing=0)]  # ids with gaps
+
+
+def write_coco_panoptic(root, split, sizes):
+    """Images of odd sizes (one grayscale, one RGBA): the top half sky, the bottom wall, a cat box, a dog box,
+    and in the first image a crowd region of dogs; the last image has stuff only."""
+    os.makedirs(root / split)
+    os.makedirs(root / "annotations" / f"panoptic_{split}")
+    images, anns = [], []
+    for k, (w, h) in enumerate(sizes):
+        image_id = 100 * (split == "val") + k + 1
+        ids = np.zeros((h, w), np.uint32)
+        ids[: h // 2], ids[h // 2:] = 5, 6
+        segs = [dict(id=5, category_id=184, iscrowd=0), dict(id=6, category_id=120, iscrowd=0)]
+        if k < len(sizes) - 1:
+            ids[2:h // 2, 3:w // 3], ids[h // 2:h - 2, w // 2:w - 3] = 300, 70000
+            segs += [dict(id=300, category_id=3, iscrowd=0), dict(id=70000, category_id=17, iscrowd=0)]
+        if k == 0:
+            ids[h - 3:, :4] = 9
+            segs.append(dict(id=9, category_id=17, iscrowd=1))
+        ids[0, 0] = 0  # a void pixel
+        for s in segs:
+            s["area"] = int((ids == s["id"]).sum())
+        Image.fromarray(panoptic.id2rgb(ids)).save(root / "annotations" / f"panoptic_{split}" / f"{image_id}.png")
+        colour = np.random.default_rng(k).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(colour)
+        img = img.convert("L") if k == 1 else img.convert("RGBA") if k == 2 else img
+        img.save(root / split / f"{image_id}.png")
+        images.append(dict(id=image_id, file_name=f"{image_id}.png", width=w, height=h))
+        anns.append(dict(image_id=image_id, file_name=f"{image_id}.png", segments_info=segs))
+    with open(root / "annotations" / f"panoptic_{split}.json", "w") as f:
+        json.dump(dict(images=images, annotations=anns, categories=COCO_CATS), f)
+
+
+def test_coco_panoptic_fixture_loads_trains_and_evaluates(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_coco_panoptic(tmp_path / "coco", "train", [(48, 40), (37, 53), (64, 64), (40, 40)])
+    write_coco_panoptic(tmp_path / "coco", "val", [(45, 31), (50, 60), (33, 33)])
+    data = ["--data", "coco", "--data_dir", str(tmp_path / "coco"), "--train_split", "train", "--val_split", "val",
+            "--tiny", "--out_dir", str(tmp_path / "out")]
+    run = lambda script, *a: subprocess.run([sys.executable, script, *data, *a], capture_output=True, text=True,
+                                            cwd=root, timeout=900)  # noqa: E731
+    p = run("vqvae.py", "--task", "panoptic", "--instances", "8", "--steps", "10")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("panoptic.py", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--steps", "4")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev = tmp_path / "out" / "panoptic" / "eval"
+    pred = json.load(open(ev / "pred_reward.json"))
+    assert [a["image_id"] for a in pred["annotations"]] == [101, 102, 103]
+    for a, size in zip(pred["annotations"], [(45, 31), (50, 60), (33, 33)]):  # written at the original size
+        assert Image.open(ev / "pred_reward" / a["file_name"]).size == size
+        assert {s["category_id"] for s in a["segments_info"]} <= {3, 17, 120, 184}
+    # the metric ran on the original ground truth files: the oracle's row equals pq_compute on them
+    m = json.load(open(ev / "metrics.json"))
+    again = panoptic.pq_compute(str(ev / "gt.json"), str(ev / "pred_oracle.json"),
+                                str(tmp_path / "coco" / "annotations" / "panoptic_val"), str(ev / "pred_oracle"))
+    assert abs(100 * again["All"]["pq"] - m["oracle"]["All"]["pq"]) < 1e-9 and m["oracle"]["All"]["n"] > 0
+    # a malformed pair: a PNG the json names is missing / a segment of an unknown category -> one clear line
+    os.remove(tmp_path / "coco" / "annotations" / "panoptic_val" / "102.png")
+    p = run("panoptic.py", "--stage", "eval")
+    assert p.returncode == 2 and "102.png: missing panoptic PNG" in p.stderr and p.stderr.count("\n") == 1
+    d = json.load(open(tmp_path / "coco" / "annotations" / "panoptic_train.json"))
+    d["annotations"][0]["segments_info"][0]["category_id"] = 999
+    json.dump(d, open(tmp_path / "coco" / "annotations" / "panoptic_train.json", "w"))
+    p = run("vqvae.py", "--task", "panoptic")
+    assert p.returncode == 2 and "category_id 999" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_scenes_map_category_ids_to_classes_and_crowd_to_void(tmp_path):
+    write_coco_panoptic(tmp_path, "val", [(45, 31)])
+    import argparse
+    items, cats = panoptic.load_coco(argparse.Namespace(data_dir=str(tmp_path)), "val")
+    ds = panoptic.Scenes(items, cats, 8, 45)  # resize to 45 x 45
+    i, img, target, sem, inst, gt, gt_cat, crowd = ds[0]
+    assert img.shape == (3, 45, 45) and target.shape == (5 + 8, 45, 45)
+    assert set(sem.unique().tolist()) == {0, 1, 2, 3, 4}  # void, cat 3 -> 1, dog 17 -> 2, wall -> 3, sky -> 4
+    assert sem[0, 0] == 0 and sem[44, 0] == 0  # the void pixel, the crowd region: void in the oracle's target
+    assert gt_cat[:6].tolist() == [-1, 4, 3, 1, 2, 2] and crowd[:6].tolist() == [False] * 5 + [True]
+    assert gt[44, 0] == 5 and (gt == 0).sum() == 1  # the reward still sees the crowd region (as PQ does)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import vqvae
@@ -54,6 +55,23 @@ def test_quantization_is_cosine_nearest_and_straight_through():
     assert m.to_code.weight.grad.abs().sum() > 0  # the gradient passes the quantizer
 
 
+def test_each_code_has_its_own_token_on_a_coarse_grid():
+    # 64 px, patch 8: 8 x 8 tokens, each writes (encoder) and reads (decoder) exactly its own 2 x 2 codes
+    m = vqvae.VQVAE(dict(CFG, image_size=64, patch=8))
+    x = torch.zeros(1, 64, 32, requires_grad=True)
+    m.codes_of(x)[0, 5 * 16 + 9].sum().backward()  # code (row 5, col 9) <- token (2, 4) only
+    assert x.grad[0].abs().sum(-1).nonzero().flatten().tolist() == [2 * 8 + 4]
+    q = torch.zeros(1, 256, 8, requires_grad=True)
+    m.tokens_of(q)[0, 2 * 8 + 4].sum().backward()  # token (2, 4) <- codes (4..5, 8..9) only
+    read = q.grad[0].abs().sum(-1).nonzero().flatten().tolist()
+    assert sorted((i // 16, i % 16) for i in read) == [(4, 8), (4, 9), (5, 8), (5, 9)]
+    # a finer grid (32 x 32 tokens) pools 2 x 2 tokens per code and spreads each code back over them
+    f = vqvae.VQVAE(dict(CFG, image_size=64, patch=2))
+    assert f.codes_of(torch.randn(2, 1024, 32)).shape == (2, 256, 8) and f.tokens_of(q).shape == (1, 1024, 32)
+    with pytest.raises(vqvae.UserError, match="does not tile"):
+        vqvae.VQVAE(dict(CFG, image_size=48, patch=8))  # 6 x 6 tokens
+
+
 def test_dead_codes_are_restarted_by_splitting_the_most_used():
     m = vqvae.VQVAE(CFG)
     z = torch.nn.functional.normalize(torch.randn(1, 64, 8), dim=-1)
@@ -67,13 +85,26 @@ def test_dead_codes_are_restarted_by_splitting_the_most_used():
     assert abs(float(m.counts.sum()) - 64 * (1 - 0.995 ** 600) / 0.005) < 20
 
 
-def test_tiny_cli_trains_and_reports(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "vqvae.py"), "--task", "panoptic", "--tiny", "--out_dir",
-                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, *a, "--tiny", "--out_dir", str(tmp_path)], capture_output=True,
+                                    text=True, cwd=ROOT, timeout=900)  # noqa: E731
+    p = run("panoptic.py")
+    assert p.returncode == 2 and "no oracle" in p.stderr and "Traceback" not in p.stderr
+    p = run("vqvae.py", "--task", "panoptic")
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.load(open(tmp_path / "vqvae_panoptic" / "eval.json"))
     assert 0 <= res["All"]["pq"] <= 100 and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
     assert "oracle on 16 held-out scenes" in p.stdout
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "vqvae.py"), "--task", "colorize", "--tiny", "--out_dir",
-                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert p.returncode == 2 and "issue 4" in p.stderr and "Traceback" not in p.stderr
+    p = run("panoptic.py")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev = tmp_path / "panoptic" / "eval"
+    m = json.load(open(ev / "metrics.json"))
+    assert list(m) == ["oracle", "mle", "mle_cont", "reward"] and m["reward"]["steps"] == "30+10"
+    assert all(0 <= r["All"]["pq"] <= 100 and r["All"]["n"] > 0 for r in m.values())
+    # the predictions are a COCO panoptic set that the metric reads back: pq_compute on the oracle's files
+    import panoptic
+    again = panoptic.pq_compute(str(ev / "gt.json"), str(ev / "pred_oracle.json"))
+    assert abs(100 * again["All"]["pq"] - m["oracle"]["All"]["pq"]) < 1e-9
+    assert len(os.listdir(ev / "pred_reward")) == 8 and (ev / "grid.png").exists()
+    log = [json.loads(x) for x in open(tmp_path / "panoptic" / "reward" / "log.jsonl")]
+    assert any("reward" in x and "fp" in x for x in log)  # the reward stage logged its reward and counts
