@@ -214,6 +214,7 @@ def colorfulness(images, min_chroma=10.0, bins=7):
     chroma = (a ** 2 + b ** 2).sqrt()
     vivid = (chroma > min_chroma).float().mean((1, 2))
     hue = torch.where(chroma > 1e-3, torch.atan2(b, a), 0.0)  # a neutral pixel: atan2(0, 0) = 0, not rounding noise
+    hue = torch.where(hue <= -math.pi, math.pi, hue)  # atan2 gives -pi for b = -0.0: the interval is (-pi, pi]
     k = (torch.ceil((hue + math.pi) / (2 * math.pi / bins)) - 1).clamp(0, bins - 1).long()
     hist = F.one_hot(k.flatten(1), bins).float().mean(1)  # (N, bins)
     entropy = -(hist * hist.clamp(min=1e-12).log()).sum(1)
@@ -399,7 +400,8 @@ def evaluate(args):
         json.dump(metrics, f, indent=1)
     table = ["| colours | steps | colorfulness | vivid | hue entropy | PSNR | gamut edge |", "|---" * 7 + "|"]
     table += [f"| {k} | {m['steps']} | {m['colorfulness']:.3f} | {m['vivid']:.3f} | {m['hue_entropy']:.3f} | "
-              f"{'-' if k == 'truth' else format(m['psnr'], '.2f')} | {m['gamut_edge']:.4f} |" for k, m in metrics.items()]
+              f"{'-' if k == 'truth' else format(m['psnr'], '.2f')} | {m['gamut_edge']:.4f} |"
+              for k, m in metrics.items()]
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"held-out {n} images, eval temperature {args.eval_temperature}\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))

@@ -130,8 +130,7 @@ def load_data(args):
     if args.data == "synthetic":
         return [common.SyntheticWorld(split, n, args.image_size, args.seed).scenes
                 for split, n in [("train", args.num_train), ("val", args.num_val)]] + [common.CATEGORIES]
-    (tr, cats), (va, _) = load_coco(args, args.train_split), load_coco(args, args.val_split)
-    return tr, va, cats
+    return (*load_coco(args, args.train_split)[:1], *load_coco(args, args.val_split))
 
 
 class Scenes(torch.utils.data.Dataset):
@@ -152,7 +151,7 @@ class Scenes(torch.utils.data.Dataset):
         if "file" not in it:
             return it
         try:
-            img = np.asarray(Image.open(it["file"]).convert("RGB").resize((self.size,) * 2, Image.BILINEAR))
+            img = np.array(Image.open(it["file"]).convert("RGB").resize((self.size,) * 2, Image.BILINEAR))
             png = Image.open(it["png"]).convert("RGB").resize((self.size,) * 2, Image.NEAREST)
         except OSError as e:
             raise UserError(f"{it['file']} / {it['png']}: unreadable ({type(e).__name__})")
@@ -178,7 +177,7 @@ def segment(oracle, tokens, image, min_segment=0):
     logits, C = vqvae.decode(oracle, tokens - 1, image), oracle.c["classes"]
     seg, cat = vqvae.to_panoptic(logits[:, :C], logits[:, C:])
     if min_segment > 0:  # small segments become void
-        area = F.one_hot(seg.flatten(1), cat.shape[1]).sum(1)  # (N, I) pixels per segment index
+        area = torch.stack([torch.bincount(x, minlength=cat.shape[1]) for x in seg.flatten(1)])  # (N, I) pixels
         cat = torch.where(area >= min_segment, cat, -1)
         seg = torch.where(cat.gather(1, seg.flatten(1)).view_as(seg) >= 0, seg, 0)
     return seg, cat
@@ -378,9 +377,11 @@ def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
     for idx, img, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
                                                             batch_size=batch_size):
         img = img.to(device)
-        with common.autocast(device):
-            tok = vqvae.encode(oracle, target.to(device), img) + 1 if model is None else \
-                common.sample(model.eval(), img, 256, 1, 0, allowed=allowed)[0][:, 0]
+        if model is None:  # outside autocast: exactly the codes MLE trains on
+            tok = vqvae.encode(oracle, target.to(device), img) + 1
+        else:
+            with common.autocast(device):
+                tok = common.sample(model.eval(), img, 256, 1, 0, allowed=allowed)[0][:, 0]
         out += as_segments(*segment(oracle, tok, img, min_segment), ds.categories)
     if model is not None:
         model.train()
@@ -542,14 +543,15 @@ def evaluate(args):
                                         for i, it in zip(image_ids, items)], va.categories)
     preds, rows = {"oracle": predict(None, oracle, va, device, n, args.min_segment)}, {}
     for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name])
-        preds[name] = predict(model, oracle, va, device, n, args.min_segment)
+        preds[name] = predict(common.build_model(ck["config"], device, ck["model"], paths[name]), oracle, va, device,
+                              n, args.min_segment)
     for name, pr in preds.items():
         pj = os.path.join(out, f"pred_{name}.json")
         full = [sg if "size" not in it else  # back to the original resolution
                 np.asarray(Image.fromarray(sg.astype(np.int32)).resize(it["size"], Image.NEAREST)).astype(np.uint32)
                 for it, (sg, _) in zip(items, pr)]
-        write_coco(os.path.join(out, f"pred_{name}"), pj, [(i, sg, [dict(id=q, category_id=c) for q, c in cats.items()])
+        write_coco(os.path.join(out, f"pred_{name}"), pj, [(i, sg, [dict(id=q, category_id=c) for q, c in cats.items()
+                                                               if (sg == q).any()])  # resizing may drop a tiny one
                                                           for i, sg, (_, cats) in zip(image_ids, full, pr)])
         res = pq_compute(gt_json, pj, gt_folder, os.path.join(out, f"pred_{name}"))
         ck, prior = cks.get(name), cks[name]["meta"].get("prior", 0) if name in cks else 0  # steps e.g. "1500+300"

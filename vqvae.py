@@ -10,16 +10,12 @@ are restarted by splitting the most used one; code dropout while training.
     python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
     python vqvae.py --task colorize     # the colour oracle (gray image as context), report its PSNR
     python vqvae.py --task colorize --data folder --data_dir ~/photos
-    python vqvae.py --task panoptic --tiny
+    python vqvae.py --task panoptic --tiny   # smoke test; measured results: README, results/panoptic|colorize/
 
-Measured (2 CPU cores, 17 min, results/vqvae/): held-out PQ of the oracle's reconstructions 72.6 (things 53.6,
-stuff 91.5), 463 of 512 codes used. The issue's bar is 85: not reached yet.
-
-Panoptic output representation (UViM): per pixel one-hot semantics (category id, 0 = void) and one-hot
-instance slots (every segment, stuff too, numbered 1..N in raster order of its centre of mass; 0 = void).
-Colour output (UViM): RGB in [-1, 1], squared-error loss; the context is the gray image (colorize.to_gray).
-panoptic.py / colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`
-and `decode(model, codes, image) -> output (B, C, H, W)`.
+Outputs (UViM): panoptic = per pixel one-hot class (0 void) + one-hot instance slot (segments numbered 1..N in
+raster order of their centre of mass), cross-entropy; colour = RGB in [-1, 1] given the gray image, squared error.
+panoptic.py / colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`,
+`decode(model, codes, image) -> output (B, C, H, W)`.
 """
 import argparse
 import json
@@ -54,8 +50,8 @@ PRESETS = {  # "<data>/<task>"
     "folder/colorize": dict(image_size=128, patch=8, width=256, depth=4, heads=8, codebook=1024, code_dim=32,
                             instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
                             num_train=0, num_val=500)}
-TINY = dict(image_size=32, patch=2, width=64, depth=1, codebook=64, batch_size=8, steps=30, warmup=5, eval_images=16,
-            num_train=64, num_val=16)
+TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, batch_size=8, steps=30, warmup=5,
+            eval_images=16, num_train=64, num_val=16)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"], help="what the codes encode")
@@ -79,10 +75,11 @@ p.add_argument("--lr", type=float, default=None, help="peak learning rate (cosin
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
 p.add_argument("--wd", type=float, default=1e-4, help="decoupled weight decay")
 p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
-p.add_argument("--enc_lr_mult", type=float, default=1.0, help="encoder learning rate = lr x this")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
 p.add_argument("--code_dropout", action=argparse.BooleanOptionalAction, default=True,
                help="drop a random fraction U(0, 1) of the codes while training (UViM)")
+p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+               help="a small conv on the output + image at full resolution (not in UViM; preset)")
 p.add_argument("--resume", action="store_true", help="continue from out_dir/vqvae_<task>/ckpt.pt")
 p.add_argument("--compile", action="store_true", help="torch.compile the model")
 p.add_argument("--seed", type=int, default=0, help="seed of init, data order and code dropout")
@@ -100,7 +97,7 @@ p.add_argument("--tiny", action="store_true", help="tiny model, data and steps (
 
 
 def canonical(seg, segments):
-    """Panoptic map (H, W) of segment ids + [{id, category_id}] -> semantics (H, W) = category id (0 void),
+    """Panoptic map (H, W) of segment ids + [{id, category_id: class}] -> semantics (H, W) = class (0 void),
     instances (H, W) = 1..N in raster order of each segment's centre of mass (y-major), 0 void."""
     sem, inst = np.zeros(seg.shape, np.int64), np.zeros(seg.shape, np.int64)
     keys = []
@@ -116,13 +113,15 @@ def canonical(seg, segments):
 
 def to_panoptic(sem_logits, inst_logits):
     """UViM decoding. (B, C, H, W), (B, I, H, W) -> segment index per pixel (B, H, W) (0 = void) and the
-    category of each index (B, I) (-1 = none): argmax instance per pixel; each instance takes the category
-    with the largest summed semantic logits over its pixels; category 0 (void) or instance 0 -> void."""
+    class of each index (B, I) (-1 = none): argmax instance per pixel; each instance takes the class with
+    the largest summed semantic logits over its pixels; class 0 (void) or instance 0 -> void."""
     inst = inst_logits.argmax(1)  # (B, H, W)
-    onehot = F.one_hot(inst, inst_logits.shape[1]).permute(0, 3, 1, 2).float()  # (B, I, H, W)
-    summed = torch.einsum("bihw,bchw->bic", onehot, sem_logits.float())  # (B, I, C)
+    B, I, C = inst.shape[0], inst_logits.shape[1], sem_logits.shape[1]
+    pix = inst.flatten(1)  # sums per instance by scatter: no (B, I, H, W) one-hot (COCO: 100 x 512 x 512)
+    summed = sem_logits.new_zeros(B, I, C, dtype=torch.float).scatter_add_(
+        1, pix[:, :, None].expand(-1, -1, C), sem_logits.flatten(2).transpose(1, 2).float())  # (B, I, C)
     cat = summed.argmax(-1)
-    present = onehot.sum((2, 3)) > 0
+    present = torch.zeros(B, I, device=inst.device).scatter_add_(1, pix, torch.ones(pix.shape, device=inst.device)) > 0
     cat = torch.where(present & (cat > 0), cat, -1)
     cat[:, 0] = -1
     seg = torch.where(cat.gather(1, inst.flatten(1)).view_as(inst) >= 0, inst, 0)
@@ -150,12 +149,16 @@ class VQVAE(nn.Module):
         self.from_code = nn.Linear(c["code_dim"] * self.r ** 2, d)
         self.head = nn.Linear(d, p * p * c["out_chans"])
         nn.init.zeros_(self.head.weight)  # UViM: zero-initialized output head
+        if c.get("refine"):  # per-pixel correction from the coarse output and the image: snaps to image edges
+            self.refine = nn.Sequential(nn.Conv2d(c["out_chans"] + 3, 64, 3, padding=1), nn.GELU(),
+                                        nn.Conv2d(64, c["out_chans"], 3, padding=1))
+            nn.init.zeros_(self.refine[2].weight)
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
         self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank
 
-    def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); each code its own vector, no averaging
+    def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); g <= 16: each code its own vector
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.g, self.g)
         x = F.avg_pool2d(x, self.g // 16) if self.g > 16 else x
         z = F.pixel_shuffle(self.to_code(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), self.r)  # (B, code_dim, 16, 16)
@@ -187,7 +190,8 @@ class VQVAE(nn.Module):
         for b in self.dec:
             x = b(x)
         y = self.head(self.dec_ln(x)).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
-        return y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
+        y = y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
+        return y + self.refine(torch.cat([y, image], 1)) if self.c.get("refine") else y
 
     def forward(self, target, image, drop_gen=None):
         """Training pass: straight-through quantization, EMA codebook update, code dropout."""
@@ -215,7 +219,7 @@ class VQVAE(nn.Module):
             lo, hi = int(self.counts.argmin()), int(self.counts.argmax())
             if self.counts[lo] >= min_count:
                 break
-            noise = torch.empty_like(self.sums[hi]).uniform_(0.999, 1.001, generator=self.gen)
+            noise = torch.empty(self.sums.shape[1]).uniform_(0.999, 1.001, generator=self.gen).to(self.sums.device)
             self.sums[lo] = self.sums[hi] * noise
             self.counts[lo] = self.counts[hi] = self.counts[hi] / 2
             self.sums[lo] /= 2
@@ -260,8 +264,7 @@ def datasets(args):
 
 
 def loss_fn(task, logits, target, extra, classes):
-    """panoptic: cross-entropy of the semantic class and of the instance slot per pixel (UViM);
-    colorize: squared error of the colours in [-1, 1] (UViM's L2)."""
+    """panoptic: cross-entropy of class and instance slot per pixel; colorize: squared error (UViM's)."""
     if task == "colorize":
         return F.mse_loss(logits, target)
     sem, inst = extra[:2]
@@ -327,11 +330,11 @@ def train(args):
     C = len(cats) + 1 if args.task == "panoptic" else 0  # semantic classes incl. void
     cfg = dict(image_size=args.image_size, patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                codebook=args.codebook, code_dim=args.code_dim, out_chans=out_chans, classes=C,
-               instances=args.instances, categories=cats)
+               instances=args.instances, categories=cats, refine=args.refine)
     out = os.path.join(args.out_dir, f"vqvae_{args.task}")
     path, start = os.path.join(out, "ckpt.pt"), 0
     raw = VQVAE(cfg).to(device)
-    opt = common.make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
+    opt = common.make_optimizer(raw, args.optimizer, args.lr, args.wd, 1.0)
     if args.resume and os.path.exists(path):
         ck = common.load_ckpt(path, f"vqvae_{args.task}")
         raw.load_state_dict(ck["model"])

@@ -116,7 +116,7 @@ B, K = args.batch // 2, 2
 vq = dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32, instances=16)
 C = len(common.CATEGORIES) + 1
 oracle = vqvae.VQVAE(dict(vq, out_chans=C + 16, classes=C)).eval().requires_grad_(False)
-ds = panoptic.Scenes(common.SyntheticWorld("val", B, 64, 0).scenes, C, 16)
+ds = panoptic.Scenes(common.SyntheticWorld("val", B, 64, 0).scenes, common.CATEGORIES, 16, 64)
 idx, imgs, target, _, _, gt, gt_cat, gt_crowd = torch.utils.data.default_collate([ds[i] for i in range(B)])
 m = common.EncoderDecoder(common.model_config("tiny", 64, 513, 256, 0, 3, 8))
 opt = torch.optim.AdamW(m.parameters(), 1e-4)
@@ -144,7 +144,7 @@ rows.append((f"colorize reward (colorfulness): {B * K} images of 64 x 64", f"{B 
              f"{100 * t_col / (t_step - t_reward + t_col):.1f}% of the step", "", ""))
 rows.append(("peak memory (max RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", "", ""))
 
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}\n")
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}\n")
 print("| what | measured | target | met |\n|---|---|---|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")

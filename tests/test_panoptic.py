@@ -245,7 +245,7 @@ def test_coco_panoptic_fixture_loads_trains_and_evaluates(tmp_path):
 
 
 def test_scenes_map_category_ids_to_classes_and_crowd_to_void(tmp_path):
-    write_coco_panoptic(tmp_path, "val", [(45, 31)])
+    write_coco_panoptic(tmp_path, "val", [(45, 31), (40, 40)])  # the last one has stuff only
     import argparse
     items, cats = panoptic.load_coco(argparse.Namespace(data_dir=str(tmp_path)), "val")
     ds = panoptic.Scenes(items, cats, 8, 45)  # resize to 45 x 45

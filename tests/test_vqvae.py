@@ -30,7 +30,7 @@ def test_decoding_gives_each_instance_its_summed_class():
     inst_logits[0, 0, :, 2] = 5
     sem_logits = torch.zeros(1, 4, 2, 3)
     sem_logits[0, 2, 0, 0] = 10  # one pixel strongly says class 2
-    sem_logits[0, 3, :, :2] = 1  # three pixels mildly say class 3: summed 4 < 10
+    sem_logits[0, 3, :, :2] = 1  # four pixels mildly say class 3: summed 4 < 10
     seg, cat = vqvae.to_panoptic(sem_logits, inst_logits)
     assert seg.tolist() == [[[1, 1, 0], [1, 1, 0]]] and cat.tolist() == [[-1, 2, -1]]
 
@@ -43,13 +43,13 @@ def test_quantization_is_cosine_nearest_and_straight_through():
     sim = torch.nn.functional.normalize(z, dim=-1) @ m.codewords().T
     assert (sim.gather(-1, codes[..., None])[..., 0] >= sim.max(-1).values - 1e-6).all()
     target, img = torch.rand(2, 7, 32, 32), torch.rand(2, 3, 32, 32)
+    m.head.weight.data.normal_()  # (the zero-init head would make every decode equal: give it weights)
     m.eval()
     logits, codes = m(target, img)
     assert logits.shape == (2, 7, 32, 32) and codes.shape == (2, 256)
     assert torch.equal(vqvae.encode(m, target, img), codes)  # encode = the codes the training pass used
     torch.testing.assert_close(vqvae.decode(m, codes, img), logits)  # decode(codes) = the reconstruction
     m.train()
-    m.head.weight.data.normal_()  # (zero-init head: give the encoder a gradient to receive)
     logits, _ = m(target, img)
     logits.sum().backward()
     assert m.to_code.weight.grad.abs().sum() > 0  # the gradient passes the quantizer
