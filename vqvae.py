@@ -78,8 +78,6 @@ p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], h
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
 p.add_argument("--code_dropout", action=argparse.BooleanOptionalAction, default=True,
                help="drop a random fraction U(0, 1) of the codes while training (UViM)")
-p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-               help="a small conv on the output + image at full resolution (not in UViM; preset)")
 p.add_argument("--resume", action="store_true", help="continue from out_dir/vqvae_<task>/ckpt.pt")
 p.add_argument("--compile", action="store_true", help="torch.compile the model")
 p.add_argument("--seed", type=int, default=0, help="seed of init, data order and code dropout")
@@ -149,10 +147,6 @@ class VQVAE(nn.Module):
         self.from_code = nn.Linear(c["code_dim"] * self.r ** 2, d)
         self.head = nn.Linear(d, p * p * c["out_chans"])
         nn.init.zeros_(self.head.weight)  # UViM: zero-initialized output head
-        if c.get("refine"):  # per-pixel correction from the coarse output and the image: snaps to image edges
-            self.refine = nn.Sequential(nn.Conv2d(c["out_chans"] + 3, 64, 3, padding=1), nn.GELU(),
-                                        nn.Conv2d(64, c["out_chans"], 3, padding=1))
-            nn.init.zeros_(self.refine[2].weight)
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
@@ -190,8 +184,7 @@ class VQVAE(nn.Module):
         for b in self.dec:
             x = b(x)
         y = self.head(self.dec_ln(x)).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
-        y = y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
-        return y + self.refine(torch.cat([y, image], 1)) if self.c.get("refine") else y
+        return y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
 
     def forward(self, target, image, drop_gen=None):
         """Training pass: straight-through quantization, EMA codebook update, code dropout."""
@@ -330,7 +323,7 @@ def train(args):
     C = len(cats) + 1 if args.task == "panoptic" else 0  # semantic classes incl. void
     cfg = dict(image_size=args.image_size, patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                codebook=args.codebook, code_dim=args.code_dim, out_chans=out_chans, classes=C,
-               instances=args.instances, categories=cats, refine=args.refine)
+               instances=args.instances, categories=cats)
     out = os.path.join(args.out_dir, f"vqvae_{args.task}")
     path, start = os.path.join(out, "ckpt.pt"), 0
     raw = VQVAE(cfg).to(device)
