@@ -494,7 +494,8 @@ COLORS = {n: lab_to_srgb(62.0, 42 * math.cos(math.radians(h)), 42 * math.sin(mat
           for n, h in HUES.items()}
 STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.30, 0.55, 0.25),
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
-NUMBERS = ["no", "one", "two", "three", "four", "five", "six"]
+NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+           "thirteen", "fourteen", "fifteen", "sixteen"]
 
 def _shape_mask(kind, yy, xx, cy, cx, r):
     dy, dx = yy - cy, xx - cx
@@ -577,9 +578,9 @@ def make_captions(rng, things, top, bottom, size):
 
 class SyntheticWorld:
     """n scenes of one split, generated once and kept in memory; split seeds never collide."""
-    def __init__(self, split, n, size, seed=0):
+    def __init__(self, split, n, size, seed=0, **scene):  # scene: make_scene's max_things, radius
         sid = {"train": 1, "val": 2}[split]
-        self.scenes = [make_scene(np.random.default_rng([seed, sid, i]), size) for i in range(n)]
+        self.scenes = [make_scene(np.random.default_rng([seed, sid, i]), size, **scene) for i in range(n)]
 
 # -----------------------------------------------------------------------------
 # pictures: a grid of labelled panels (every eval writes one)
