@@ -452,7 +452,7 @@ def train(args, stage):
                                   world)
         if args.stop_at and step + 1 >= args.stop_at:
             common.print0(f"stopping after step {step + 1} without saving (--stop_at)")
-            return
+            raise SystemExit(0)  # a preempted job: no later stage runs either
         done = step + 1 == args.steps
         if (step + 1) % args.log_every == 0 or done:
             log(step + 1, lr=opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
