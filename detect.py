@@ -35,14 +35,12 @@ from common import UserError
 
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
-                      max_things=6, radius=(0.1, 0.25),
                       mle_steps=2400, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
                       reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=1280, max_boxes=100, batch_size=256,
                  mle_steps=10000, mle_lr=1e-4, mle_warmup=1000, mle_wd=0.0, reward_steps=100000, reward_lr=1e-6,
-                 reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0,
-                 max_things=0, radius=(0, 0)),
+                 reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0),
 }
 TINY = dict(dec_layers=2, image_size=32, max_boxes=8, batch_size=8, mle_steps=30, reward_steps=10, eval_images=16,
             num_train=128, num_val=16, mle_warmup=5, reward_warmup=2)
@@ -54,9 +52,10 @@ p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/instances_<split>.json and <split>/ images")
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
-p.add_argument("--max_things", type=int, default=None, help="synthetic world: at most this many objects per scene")
-p.add_argument("--radius", type=float, nargs=2, default=None, help="synthetic world: object radius range, x image size")
 p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
+p.add_argument("--max_things", type=int, default=None, help="synthetic world: at most this many objects per scene (6)")
+p.add_argument("--radius", type=float, nargs=2, default=None,
+               help="synthetic world: object radius range, x image size (0.1 0.25)")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/detect/<stage>/")
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
@@ -198,7 +197,7 @@ class Boxes(torch.utils.data.Dataset):
 def load_data(args):
     """-> train items, val items, val GT dict, class names, COCO category ids."""
     if args.data == "synthetic":
-        scene = dict(max_things=args.max_things, radius=tuple(args.radius))
+        scene = {k: v for k, v in [("max_things", args.max_things), ("radius", args.radius)] if v is not None}
         tr, _ = load_synthetic("train", args.num_train, args.image_size, args.seed, **scene)
         va, gt = load_synthetic("val", args.num_val, args.image_size, args.seed, **scene)
         return tr, va, gt, list(common.THINGS), list(range(1, len(common.THINGS) + 1))
@@ -516,7 +515,7 @@ def main():
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
     if args.data == "coco" and not args.data_dir:
         raise UserError("--data coco needs --data_dir")
-    for k in ["model", "patch", "dec_layers", "image_size", "max_boxes", "batch_size", "samples", "max_things", "radius",
+    for k in ["model", "patch", "dec_layers", "image_size", "max_boxes", "batch_size", "samples",
               "eval_images", "num_train", "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])

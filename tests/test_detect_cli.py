@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import detect
 from test_detect import write_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,3 +104,18 @@ def test_two_processes_equal_one_process(tiny, tmp_path):
     a, b = weights(tmp_path / "one/detect/reward/ckpt.pt"), weights(init)
     assert max((a[k] - b[k]).abs().max() for k in a) > 1e-3  # the run really moved the weights
     assert_same(a, weights(tmp_path / "two/detect/reward/ckpt.pt"), atol=2e-5)
+
+
+def test_stop_at_ends_the_whole_run(tmp_path):
+    p = run("--tiny", "--out_dir", tmp_path, "--stop_at", 2)  # --stage all: a preempted job runs no later stage
+    assert "stopping after step 2" in p.stdout
+    assert sorted(os.listdir(tmp_path / "detect")) == ["mle"]
+
+
+def test_scene_flags_reach_the_synthetic_world():
+    args = detect.p.parse_args(["--max_things", "1", "--radius", "0.3", "0.3", "--num_train", "20", "--num_val", "5",
+                                "--image_size", "32"])
+    tr, va, *_ = detect.load_data(args)
+    sides = [b[3] - b[1] for it in tr + va for b in it["boxes"].tolist()]  # normalized height of each box
+    assert all(len(it["labels"]) == 1 for it in tr + va)
+    assert min(sides) > 0.35  # radius 0.3 of the image: every object is about 0.6 of it across (unoccluded)
