@@ -5,17 +5,19 @@ A ViT autoencoder over the task output with the image as context, added to the i
 and decoder (so the codes only carry what the image does not tell). Bottleneck: a 16 x 16 grid = 256 codes
 (on a coarser token grid each token writes and reads its r x r codes as one vector: all 256 carry information);
 cosine VQ (standardized vectors, unit-norm codewords, straight-through) with an EMA codebook whose dead codes
-are restarted by splitting the most used one; code dropout while training.
+are restarted by splitting the most used one; code dropout while training. Two departures from UViM in the
+synthetic panoptic preset (results/panoptic/probes/README.md): the head's logits also read per-pixel colour features of
+the image (`--pixel`; our 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
+no attention or position (`--local`): a code describes its own patch only, which stage II can predict.
 
     python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
     python vqvae.py --task colorize     # the colour oracle (gray image as context), report its PSNR
     python vqvae.py --task colorize --data folder --data_dir ~/photos
     python vqvae.py --task panoptic --tiny   # smoke test; measured results: README, results/panoptic|colorize/
 
-Outputs (UViM): panoptic = per pixel one-hot class (0 void) + one-hot instance slot (segments numbered 1..N in
-raster order of their centre of mass), cross-entropy; colour = RGB in [-1, 1] given the gray image, squared error.
-panoptic.py / colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`,
-`decode(model, codes, image) -> output (B, C, H, W)`.
+Outputs (UViM): panoptic = per pixel one-hot class (0 void) + one-hot instance slot (segments 1..N in raster order
+of their centre of mass), cross-entropy; colour = RGB in [-1, 1] given the gray image, squared error. panoptic.py
+and colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`, `decode`.
 """
 import argparse
 import json
@@ -36,20 +38,20 @@ from common import UserError
 # config
 
 PRESETS = {  # "<data>/<task>"
-    "synthetic/panoptic": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32,
+    "synthetic/panoptic": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=256, code_dim=32,
                                instances=16, batch_size=32, steps=2000, lr=1e-3, warmup=100, eval_images=500,
-                               num_train=10000, num_val=500),
+                               num_train=10000, num_val=500, local=True, pixel=16),
     "synthetic/colorize": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=256, code_dim=32,
                                instances=0, batch_size=32, steps=1000, lr=1e-3, warmup=100, eval_images=300,
-                               num_train=10000, num_val=300),
+                               num_train=10000, num_val=300, local=False, pixel=0),
     # UViM's COCO oracle: 512 px, patch 16 (32 x 32 tokens pooled to 16 x 16 codes), 4096 codes, 100 instances
     "coco/panoptic": dict(image_size=512, patch=16, width=768, depth=6, heads=12, codebook=4096, code_dim=32,
                           instances=100, batch_size=1024, steps=111500, lr=4e-4, warmup=4000, eval_images=5000,
-                          num_train=0, num_val=0),
+                          num_train=0, num_val=0, local=False, pixel=0),
     # real photos (UViM's ImageNet oracle: 512 px, patch 16, ViT-B width, 4096 codes; here a CPU-sized start)
     "folder/colorize": dict(image_size=128, patch=8, width=256, depth=4, heads=8, codebook=1024, code_dim=32,
                             instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
-                            num_train=0, num_val=500)}
+                            num_train=0, num_val=500, local=False, pixel=0)}
 TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, batch_size=8, steps=30, warmup=5,
             eval_images=16, num_train=64, num_val=16)
 
@@ -67,6 +69,9 @@ p.add_argument("--width", type=int, default=None, help="transformer width (UViM:
 p.add_argument("--depth", type=int, default=None, help="encoder depth; the decoder has twice as many blocks")
 p.add_argument("--heads", type=int, default=None, help="attention heads")
 p.add_argument("--codebook", type=int, default=None, help="number of codewords (COCO: 4096)")
+p.add_argument("--pixel", type=int, default=None, help="per-pixel colour features the head reads (0: off; preset)")
+p.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
+               help="encoder without attention or position: a code only describes its own patch (preset)")
 p.add_argument("--code_dim", type=int, default=None, help="codeword dimension")
 p.add_argument("--instances", type=int, default=None, help="instance slots of the panoptic output (COCO: 100)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch")
@@ -76,8 +81,7 @@ p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
 p.add_argument("--wd", type=float, default=1e-4, help="decoupled weight decay")
 p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
-p.add_argument("--code_dropout", action=argparse.BooleanOptionalAction, default=True,
-               help="drop a random fraction U(0, 1) of the codes while training (UViM)")
+p.add_argument("--code_dropout", action=argparse.BooleanOptionalAction, default=True, help="UViM: drop U(0,1) of codes")
 p.add_argument("--resume", action="store_true", help="continue from out_dir/vqvae_<task>/ckpt.pt")
 p.add_argument("--compile", action="store_true", help="torch.compile the model")
 p.add_argument("--seed", type=int, default=0, help="seed of init, data order and code dropout")
@@ -85,8 +89,7 @@ p.add_argument("--log_every", type=int, default=100, help="print a line every th
 p.add_argument("--ckpt_every", type=int, default=500, help="checkpoint every this many steps")
 p.add_argument("--eval_images", type=int, default=None, help="held-out images for the oracle's report")
 p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes")
-p.add_argument("--num_val", type=int, default=None, help="held-out images: synthetic scenes, or photos taken out "
-                                                          "of the folder (at most 10%%)")
+p.add_argument("--num_val", type=int, default=None, help="held-out scenes, or photos held out of the folder (<= 10%%)")
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (folder)")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps (smoke test)")
 
@@ -98,11 +101,8 @@ def canonical(seg, segments):
     """Panoptic map (H, W) of segment ids + [{id, category_id: class}] -> semantics (H, W) = class (0 void),
     instances (H, W) = 1..N in raster order of each segment's centre of mass (y-major), 0 void."""
     sem, inst = np.zeros(seg.shape, np.int64), np.zeros(seg.shape, np.int64)
-    keys = []
-    for s in segments:
-        ys, xs = np.nonzero(seg == s["id"])
-        if len(ys):
-            keys.append((ys.mean() * seg.shape[1] + xs.mean(), s))
+    keys = [(ys.mean() * seg.shape[1] + xs.mean(), s) for s in segments
+            for ys, xs in [np.nonzero(seg == s["id"])] if len(ys)]
     for k, (_, s) in enumerate(sorted(keys, key=lambda t: t[0])):
         m = seg == s["id"]
         sem[m], inst[m] = s["category_id"], k + 1
@@ -136,8 +136,11 @@ class VQVAE(nn.Module):
         self.c, d, p, g = c, c["width"], c["patch"], c["image_size"] // c["patch"]
         self.embed = nn.Conv2d(c["out_chans"], d, p, p)  # one-hot labels per patch -> width (a linear map)
         self.enc_ctx, self.dec_ctx = nn.Conv2d(3, d, p, p), nn.Conv2d(3, d, p, p)
-        self.enc_pos, self.dec_pos = (nn.Parameter(torch.randn(1, g * g, d) / d ** 0.5) for _ in range(2))
-        self.enc = nn.ModuleList(common.Block(d, c["heads"]) for _ in range(c["depth"]))
+        self.local = c.get("local", False)  # encoder without attention or position: a code describes its patch only
+        self.enc_pos = None if self.local else nn.Parameter(torch.randn(1, g * g, d) / d ** 0.5)
+        self.dec_pos = nn.Parameter(torch.randn(1, g * g, d) / d ** 0.5)
+        self.enc = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+                                 if self.local else common.Block(d, c["heads"]) for _ in range(c["depth"]))
         self.dec = nn.ModuleList(common.Block(d, c["heads"]) for _ in range(2 * c["depth"]))
         self.enc_ln, self.dec_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         if (16 % g if g <= 16 else g % 16):
@@ -147,6 +150,10 @@ class VQVAE(nn.Module):
         self.from_code = nn.Linear(c["code_dim"] * self.r ** 2, d)
         self.head = nn.Linear(d, p * p * c["out_chans"])
         nn.init.zeros_(self.head.weight)  # UViM: zero-initialized output head
+        if h := c.get("pixel", 0):  # per-pixel colour features (B, h, H, W); each token maps them to its logits
+            self.pix = nn.Sequential(nn.Conv2d(3, h, 1), nn.GELU(), nn.Conv2d(h, h, 1))
+            self.pix_head = nn.Linear(d, h * c["out_chans"])
+            nn.init.zeros_(self.pix_head.weight)
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
@@ -166,9 +173,9 @@ class VQVAE(nn.Module):
 
     def encode_z(self, target, image):  # -> standardized pre-quantized vectors (B, 256, code_dim)
         x = self.embed(target).flatten(2).transpose(1, 2) + self.enc_ctx(image).flatten(2).transpose(1, 2)
-        x = x + self.enc_pos
+        x = x if self.local else x + self.enc_pos
         for b in self.enc:
-            x = b(x)
+            x = x + b(x) if self.local else b(x)
         z = self.codes_of(self.enc_ln(x))
         return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
 
@@ -183,7 +190,12 @@ class VQVAE(nn.Module):
         x = self.tokens_of(q) + self.dec_ctx(image).flatten(2).transpose(1, 2) + self.dec_pos
         for b in self.dec:
             x = b(x)
-        y = self.head(self.dec_ln(x)).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
+        x = self.dec_ln(x)
+        y = self.head(x).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
+        if self.c.get("pixel", 0):
+            f = self.pix(image).view(x.shape[0], -1, s // p, p, s // p, p).permute(0, 2, 4, 1, 3, 5)  # B g g h p p
+            m = self.pix_head(x).view(x.shape[0], s // p, s // p, -1, f.shape[3])  # (B, g, g, C, h)
+            y = y + torch.einsum("bijhyx,bijch->bijcyx", f, m)
         return y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
 
     def forward(self, target, image, drop_gen=None):
@@ -213,10 +225,9 @@ class VQVAE(nn.Module):
             if self.counts[lo] >= min_count:
                 break
             noise = torch.empty(self.sums.shape[1]).uniform_(0.999, 1.001, generator=self.gen).to(self.sums.device)
+            self.sums[hi] /= 2  # (exact: a power of two)
             self.sums[lo] = self.sums[hi] * noise
             self.counts[lo] = self.counts[hi] = self.counts[hi] / 2
-            self.sums[lo] /= 2
-            self.sums[hi] /= 2
 
 
 def allowed_tokens(codebook, device):
@@ -243,9 +254,8 @@ def decode(model, codes, image):
 
 
 def datasets(args):
-    """(train, held-out) datasets of (index, context image (3, S, S) in [-1, 1], target (out_chans, S, S), ...),
-    out_chans and the categories. panoptic (panoptic.Scenes): image, one-hot classes + instance slots,
-    semantics, instances; colorize (colorize.Photos): the gray image, the colours in [-1, 1]."""
+    """(train, held-out) of (index, context (3, S, S) in [-1, 1], target (out_chans, S, S), ...), out_chans, categories.
+    panoptic.Scenes: image, one-hot classes + slots, semantics, instances; colorize.Photos: gray image, colours."""
     if args.task == "colorize":
         import colorize  # here, not at the top: colorize.py imports this file
         tr, va = colorize.load_data(args)
@@ -260,8 +270,7 @@ def loss_fn(task, logits, target, extra, classes):
     """panoptic: cross-entropy of class and instance slot per pixel; colorize: squared error (UViM's)."""
     if task == "colorize":
         return F.mse_loss(logits, target)
-    sem, inst = extra[:2]
-    return F.cross_entropy(logits[:, :classes], sem) + F.cross_entropy(logits[:, classes:], inst)
+    return F.cross_entropy(logits[:, :classes], extra[0]) + F.cross_entropy(logits[:, classes:], extra[1])
 
 
 def load(path, task, device):
@@ -323,7 +332,7 @@ def train(args):
     C = len(cats) + 1 if args.task == "panoptic" else 0  # semantic classes incl. void
     cfg = dict(image_size=args.image_size, patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                codebook=args.codebook, code_dim=args.code_dim, out_chans=out_chans, classes=C,
-               instances=args.instances, categories=cats)
+               instances=args.instances, categories=cats, local=args.local, pixel=args.pixel)
     out = os.path.join(args.out_dir, f"vqvae_{args.task}")
     path, start = os.path.join(out, "ckpt.pt"), 0
     raw = VQVAE(cfg).to(device)
@@ -383,8 +392,7 @@ def main():
         raise UserError(f"--data {args.data} needs --data_dir")
     preset = dict(PRESETS[key], **(TINY if args.tiny else {}))
     for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     train(args)
 
 

@@ -72,6 +72,19 @@ def test_each_code_has_its_own_token_on_a_coarse_grid():
         vqvae.VQVAE(dict(CFG, image_size=48, patch=8))  # 6 x 6 tokens
 
 
+def test_pixel_head_reads_each_pixels_own_colour():
+    # image seen only through the per-pixel features (patch context zeroed): one changed pixel changes its logits only
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(dict(CFG, pixel=4)).eval()
+    m.dec_ctx.weight.data.zero_()
+    m.pix_head.weight.data.normal_()
+    codes, img = torch.randint(0, 16, (1, 256)), torch.rand(1, 3, 32, 32)
+    img2 = img.clone()
+    img2[0, :, 13, 6] = 1 - img2[0, :, 13, 6]  # row 13, column 6: inside patch (3, 1), not on its corner
+    changed = (vqvae.decode(m, codes, img2) - vqvae.decode(m, codes, img)).abs().sum(1)[0] > 1e-6  # (32, 32)
+    assert changed.nonzero().tolist() == [[13, 6]]
+
+
 def test_dead_codes_are_restarted_by_splitting_the_most_used():
     m = vqvae.VQVAE(CFG)
     z = torch.nn.functional.normalize(torch.randn(1, 64, 8), dim=-1)
