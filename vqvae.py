@@ -8,7 +8,7 @@ cosine VQ (standardized vectors, unit-norm codewords, straight-through) with an 
 are restarted by splitting the most used one; code dropout while training. Two departures from UViM in the
 synthetic panoptic preset (results/panoptic/probes/README.md): the head's logits also read per-pixel colour features of
 the image (`--pixel`; our 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
-no attention or position (`--local`): a code describes its own patch only, which stage II can predict.
+no attention or position (`--local`): a code describes its own patch only, to keep stage II's task local.
 
     python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
     python vqvae.py --task colorize     # the colour oracle (gray image as context), report its PSNR
