@@ -488,8 +488,9 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "caption") for n, q in paths.items()}
     rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))["meta"]["itos"])
+    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
     if rank:
-        return common.ddp_cleanup()
+        return
     out = os.path.join(base, "eval")
     os.makedirs(out, exist_ok=True)
     rows, preds = {}, {}

@@ -375,8 +375,9 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "colorize") for n, q in paths.items()}
     rank, world, device, oracle, _, tr, va = setup(args)
+    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
     if rank:
-        return common.ddp_cleanup()
+        return
     out = os.path.join(base, "eval")
     n = min(args.eval_images, len(va))
     imgs, steps = {}, {}

@@ -25,6 +25,8 @@ def run(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
     try:
         main()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -40,7 +42,8 @@ def ddp_setup():
         device = f"cuda:{local}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if not dist.is_initialized():  # --stage all: one group for every stage
+            dist.init_process_group("nccl" if cuda else "gloo")
     else:
         rank, world, device = 0, 1, "cuda" if cuda else "cpu"
     if not cuda and world > 1:  # CPU processes on one machine share its cores
@@ -49,8 +52,9 @@ def ddp_setup():
     return rank, world, device
 
 def ddp_cleanup():
+    """End of a stage: all ranks meet. The group lives until run() ends (re-creating it under torchrun hangs)."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.barrier()
 
 def autocast(device):
     """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)."""
@@ -102,8 +106,7 @@ def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, i
     name, _, p = model.partition("/")
     if name not in SIZES:
         raise UserError(f"--model {model}: unknown size, choose from {', '.join(SIZES)} (e.g. B/16)")
-    width, depth, heads = SIZES[name]
-    patch = int(p) if p else patch
+    (width, depth, heads), patch = SIZES[name], int(p) if p else patch
     if image_size % patch:
         raise UserError(f"--image_size {image_size} is not a multiple of the patch size {patch}")
     return dict(width=width, enc_depth=depth, dec_depth=dec_layers, heads=heads, patch=patch,

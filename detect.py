@@ -467,8 +467,9 @@ def draw(item, size, boxes=(), color="red", scale=4):
 def evaluate(args):
     """Every checkpoint that exists, side by side: metrics.json, table.md, COCO results, a grid."""
     rank, world, device, tr, va, gt, meta = setup(args)
+    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
     if rank:
-        return common.ddp_cleanup()
+        return
     out = os.path.join(args.out_dir, "detect", "eval")
     os.makedirs(out, exist_ok=True)
     rows, preds = {}, {}

@@ -219,8 +219,7 @@ def reward_pq(pred, batch):
     """r = sum of IoUs of matched segments (same class, IoU > 0.5, void and crowd as PQ) - 0.3 x unmatched
     predicted segments. pred = (segment index (B, K, H, W), category (B, K, I)); batch: the ground truth
     gt (B, H, W), gt_cat (B, G+1), gt_crowd (B, G+1) -> r (B, K)."""
-    seg, cat = pred
-    B, K = cat.shape[:2]
+    (seg, cat), (B, K) = pred, pred[1].shape[:2]
     rep = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
     c = pq_counts(rep(batch["gt"]), rep(batch["gt_cat"]), rep(batch["gt_crowd"]), seg.flatten(0, 1),
                   cat.flatten(0, 1))
@@ -526,8 +525,9 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "panoptic") for n, q in paths.items()}
     rank, world, device, oracle, _, tr, va = setup(args)
+    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
     if rank:
-        return common.ddp_cleanup()
+        return
     out = os.path.join(base, "eval")
     n = min(args.eval_images, len(va))
     items, gt_json = va.items[:n], os.path.join(out, "gt.json")

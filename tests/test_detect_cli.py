@@ -106,6 +106,12 @@ def test_two_processes_equal_one_process(tiny, tmp_path):
     assert_same(a, weights(tmp_path / "two/detect/reward/ckpt.pt"), atol=2e-5)
 
 
+def test_two_processes_run_every_stage(tmp_path):
+    run("--tiny", "--out_dir", tmp_path, torchrun=2)  # one process group for all stages (re-creating it hung)
+    rows = json.load(open(tmp_path / "detect/eval/metrics.json"))
+    assert sorted(rows) == ["mle", "mle_cont", "reward"]
+
+
 def test_stop_at_ends_the_whole_run(tmp_path):
     p = run("--tiny", "--out_dir", tmp_path, "--stop_at", 2)  # --stage all: a preempted job runs no later stage
     assert "stopping after step 2" in p.stdout
