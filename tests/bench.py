@@ -113,14 +113,15 @@ rows.append((f"caption reward (CIDEr-D): {B} images x {K} samples x 5 refs, ours
 # 4. UViM tasks (synthetic presets, untrained weights: the timing is the same): the reward step is sample 256
 # codes -> the frozen oracle decodes them -> reward -> one forward/backward; the reward's share of it
 B, K = args.batch // 2, 2
-vq = dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=512, code_dim=32, instances=16)
+vq = {k: v for k, v in vqvae.PRESETS["synthetic/panoptic"].items() if k in (  # the preset's oracle architecture
+    "image_size", "patch", "width", "depth", "heads", "codebook", "code_dim", "instances", "local", "pixel")}
 C = len(common.CATEGORIES) + 1
 oracle = vqvae.VQVAE(dict(vq, out_chans=C + 16, classes=C)).eval().requires_grad_(False)
 ds = panoptic.Scenes(common.SyntheticWorld("val", B, 64, 0).scenes, common.CATEGORIES, 16, 64)
 idx, imgs, target, _, _, gt, gt_cat, gt_crowd = torch.utils.data.default_collate([ds[i] for i in range(B)])
-m = common.EncoderDecoder(common.model_config("tiny", 64, 513, 256, 0, 3, 8))
+m = common.EncoderDecoder(common.model_config("tiny", 64, vq["codebook"] + 1, 256, 0, 3, 8))
 opt = torch.optim.AdamW(m.parameters(), 1e-4)
-allowed = vqvae.allowed_tokens(512, "cpu")
+allowed = vqvae.allowed_tokens(vq["codebook"], "cpu")
 t_mle = best(lambda: common.mle_loss(m, imgs, vqvae.encode(oracle, target, imgs) + 1, torch.ones(B, 256))[0].backward())
 t_sample = best(lambda: common.sample(m, imgs, 256, K, allowed=allowed), n=1)
 tok, _ = common.sample(m, imgs, 256, K, allowed=allowed)
