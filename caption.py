@@ -463,7 +463,7 @@ def train(args, stage):
             m = evaluate_model(raw, va, meta, device, args.eval_images)[0]
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
-    common.ddp_cleanup()
+    common.ddp_end_stage()
 
 
 def panel(text, size):
@@ -488,7 +488,7 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "caption") for n, q in paths.items()}
     rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))["meta"]["itos"])
-    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
+    common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
     out = os.path.join(base, "eval")

@@ -358,7 +358,7 @@ def train(args, stage):
             pred, truth = predict(raw, oracle, va, device, args.eval_images, args.eval_temperature, args.seed)
             log(step + 1, **{f"val_{k}": v for k, v in summarize(image_metrics(pred, truth)).items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
-    common.ddp_cleanup()
+    common.ddp_end_stage()
 
 
 def to_pil(x):  # (3, S, S) in [0, 1] -> PIL
@@ -375,7 +375,7 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "colorize") for n, q in paths.items()}
     rank, world, device, oracle, _, tr, va = setup(args)
-    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
+    common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
     out = os.path.join(base, "eval")

@@ -51,7 +51,7 @@ def ddp_setup():
     torch.backends.cuda.matmul.allow_tf32 = True
     return rank, world, device
 
-def ddp_cleanup():
+def ddp_end_stage():
     """End of a stage: all ranks meet. The group lives until run() ends (re-creating it under torchrun hangs)."""
     if dist.is_initialized():
         dist.barrier()

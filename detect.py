@@ -449,7 +449,7 @@ def train(args, stage):
             m = evaluate_model(raw, va, gt, meta, device, args.eval_images)[0]
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
-    common.ddp_cleanup()
+    common.ddp_end_stage()
 
 
 def draw(item, size, boxes=(), color="red", scale=4):
@@ -467,7 +467,7 @@ def draw(item, size, boxes=(), color="red", scale=4):
 def evaluate(args):
     """Every checkpoint that exists, side by side: metrics.json, table.md, COCO results, a grid."""
     rank, world, device, tr, va, gt, meta = setup(args)
-    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
+    common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
     out = os.path.join(args.out_dir, "detect", "eval")

@@ -501,7 +501,7 @@ def train(args, stage):
             res = pq_in_memory(predict(raw, oracle, va, device, args.eval_images, args.min_segment), va)
             log(step + 1, **{f"val_{g}_{k}": v for g, d in res.items() for k, v in d.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
-    common.ddp_cleanup()
+    common.ddp_end_stage()
 
 
 PALETTE = np.random.default_rng(3).integers(40, 256, (256, 3)).astype(np.uint8)
@@ -525,7 +525,7 @@ def evaluate(args):
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "panoptic") for n, q in paths.items()}
     rank, world, device, oracle, _, tr, va = setup(args)
-    common.ddp_cleanup()  # no collective below: rank 0 evaluates alone
+    common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
     out = os.path.join(base, "eval")

@@ -380,7 +380,7 @@ def train(args):
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {out}/eval.json")
-    common.ddp_cleanup()
+    common.ddp_end_stage()
 
 
 def main():
