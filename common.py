@@ -25,14 +25,15 @@ def run(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
     try:
         main()
-        if dist.is_initialized():
-            dist.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
         sys.exit(130)
+    finally:  # also after --stop_at's SystemExit: every exit path releases the process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 def ddp_setup():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
@@ -82,9 +83,8 @@ class Logger:
     def __call__(self, step, quiet=False, **metrics):
         if not self.master:
             return
-        rec = {"step": step, "time": round(time.time(), 2)}
-        rec.update({k: (round(float(v), 5) if isinstance(v, (float, int, torch.Tensor, np.floating)) else v)
-                    for k, v in metrics.items()})
+        rec = {"step": step, "time": round(time.time(), 2), **{k: (round(float(v), 5) if isinstance(
+            v, (float, int, torch.Tensor, np.floating)) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if not quiet:
