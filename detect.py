@@ -68,7 +68,7 @@ p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-bat
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
-p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset: mle_wd / reward_wd)")
+p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
 p.add_argument("--enc_lr_mult", type=float, default=1.0, help="encoder learning rate = lr x this")
 p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")

@@ -42,7 +42,8 @@ for L, b in [(48, args.batch), (600, 4)]:
     fast = best(lambda: common.sample(m, imgs, L))
     slow = best(lambda: common.sample(m, imgs, L, use_cache=False), n=1)
     rows.append((f"sampling {L} tokens x {b}: cache vs recompute (tokens/s)",
-                 f"{b * L / fast:,.0f} vs {b * L / slow:,.0f} = {slow / fast:.1f}x", ">= 10x at 600" if L == 600 else "",
+                 f"{b * L / fast:,.0f} vs {b * L / slow:,.0f} = {slow / fast:.1f}x",
+                 ">= 10x at 600" if L == 600 else "",
                  "yes" if L != 600 or slow / fast >= 10 else "NO"))
 
 # 2. the detection reward step vs the MLE step on the same batch (synthetic preset shapes)
@@ -85,7 +86,8 @@ def fwd_bwd():
 t_fb = best(fwd_bwd) - t_reward
 t_step = t_sample + t_reward + t_fb
 rows.append((f"detect reward (map): {B * K} samples x {S} boxes", f"{B * K / t_reward:,.0f} items/s, "
-             f"{100 * t_reward / t_step:.1f}% of the step", "<= 5% of the step", "yes" if t_reward / t_step <= .05 else "NO"))
+             f"{100 * t_reward / t_step:.1f}% of the step", "<= 5% of the step",
+             "yes" if t_reward / t_step <= .05 else "NO"))
 rows.append((f"detect reward step K={K} (sample {t_sample * 1e3:.0f} + reward {t_reward * 1e3:.0f} + fwd/bwd "
              f"{t_fb * 1e3:.0f} ms) vs MLE step {t_mle * 1e3:.0f} ms", f"{t_step / t_mle:.2f}x", "<= 3x",
              "yes" if t_step / t_mle <= 3 else "NO"))
@@ -105,7 +107,8 @@ try:
     gts = {(i, k): [" ".join(caption.tokenize(r)) for r in items[i]["refs"]] for i in range(B) for k in range(K)}
     res = {(i, k): [caption.decode(hyp[i, k], vocab)] for i in range(B) for k in range(K)}
     t_ref = best(lambda: Cider().compute_score(gts, res))
-    measured, met = f"{B * K / t_ours:,.0f} vs {B * K / t_ref:,.0f} items/s = {t_ref / t_ours:.1f}x", t_ref / t_ours >= 10
+    measured = f"{B * K / t_ours:,.0f} vs {B * K / t_ref:,.0f} items/s = {t_ref / t_ours:.1f}x"
+    met = t_ref / t_ours >= 10
 except ImportError:
     measured, met = f"{B * K / t_ours:,.0f} items/s (pycocoevalcap not installed)", None
 rows.append((f"caption reward (CIDEr-D): {B} images x {K} samples x 5 refs, ours vs pycocoevalcap", measured,
@@ -135,7 +138,8 @@ t_fb = best(lambda: common.reinforce_loss(m, imgs, tok, r, torch.ones_like(tok, 
                                           allowed)[0].backward())
 t_step = t_sample + t_decode + t_reward + t_fb
 rows.append((f"panoptic reward (pq): {B * K} samples of 64 x 64", f"{B * K / t_reward:,.0f} items/s, "
-             f"{100 * t_reward / t_step:.1f}% of the step", "<= 10% of the step", "yes" if t_reward / t_step <= .1 else "NO"))
+             f"{100 * t_reward / t_step:.1f}% of the step", "<= 10% of the step",
+             "yes" if t_reward / t_step <= .1 else "NO"))
 rows.append((f"panoptic reward step K={K} (sample {t_sample * 1e3:.0f} + oracle decode {t_decode * 1e3:.0f} + reward "
              f"{t_reward * 1e3:.0f} + fwd/bwd {t_fb * 1e3:.0f} ms) vs MLE step {t_mle * 1e3:.0f} ms",
              f"{t_step / t_mle:.2f}x", "", ""))

@@ -97,7 +97,8 @@ def test_unfinished_caption_scores_below_finished():
     rt = torch.full((1, 2, 12), -1)
     for j, t in enumerate(refs[0]):
         rt[0, j, :len(t[:t.index(caption.EOS) + 1])] = torch.tensor(t[:t.index(caption.EOS) + 1])
-    r, _ = caption.reward_cider(torch.stack([done, unfinished])[None], dict(cider=scorer, refs=rt, nref=torch.tensor([2])))
+    batch = dict(cider=scorer, refs=rt, nref=torch.tensor([2]))
+    r, _ = caption.reward_cider(torch.stack([done, unfinished])[None], batch)
     assert r[0, 0] > r[0, 1] > 0
 
 
@@ -149,8 +150,8 @@ def write_coco(root, split, karpathy=None):
                         mode).save(root / split / name)
         images.append(dict(id=100 + k, file_name=name, width=w, height=h))
         if k < 5:
-            anns += [dict(id=len(anns) + 1, image_id=100 + k, caption=c) for c in
-                     ["A red square on the grass.", "Two blue circles, and a ring!", "a picture of a star"][: 1 + k % 3]]
+            caps = ["A red square on the grass.", "Two blue circles, and a ring!", "a picture of a star"]
+            anns += [dict(id=len(anns) + 1, image_id=100 + k, caption=c) for c in caps[: 1 + k % 3]]
     (root / split / f"{split}_3.png").write_bytes(b"not a png")  # unreadable: skipped with a count
     with open(root / "annotations" / f"captions_{split}.json", "w") as f:
         json.dump(dict(images=images, annotations=anns), f)

@@ -35,7 +35,8 @@ def write(root, gt, gt_segs, pred, pred_segs, cats=CATS):
 
 
 def close(r, pq, sq, rq, n):
-    assert r["n"] == n and r["pq"] == pytest.approx(pq) and r["sq"] == pytest.approx(sq) and r["rq"] == pytest.approx(rq)
+    assert r["n"] == n
+    assert (r["pq"], r["sq"], r["rq"]) == pytest.approx((pq, sq, rq))
 
 
 def test_id_colour_round_trip():
@@ -140,7 +141,8 @@ def random_pair(rng, H=12, W=12):
     pred = np.roll(gt, int(rng.integers(-1, 2)), axis=int(rng.integers(0, 2)))
     pred = np.where(rng.random((H, W)) < 0.15, rng.integers(0, G + 3, (H, W)), pred)  # noise, new segments
     S = int(pred.max())
-    pred_cat = np.concatenate([[-1], np.where(rng.random(S) < 0.7, np.resize(gt_cat[1:], S), rng.choice([1, 2, 6, 7], S))])
+    cats = np.where(rng.random(S) < 0.7, np.resize(gt_cat[1:], S), rng.choice([1, 2, 6, 7], S))  # mostly GT's
+    pred_cat = np.concatenate([[-1], cats])
     return gt, gt_cat, gt_crowd, pred, pred_cat
 
 
