@@ -1,24 +1,14 @@
 # which codes does greedy decoding write at cells fully inside a thing, and what does the oracle use those codes for?
 # run: python results/panoptic/probes/codes.py STAGE2_CKPT ORACLE_CKPT
-import os, sys, torch, collections
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.."))
-import vqvae, panoptic, common
-oracle = vqvae.load(sys.argv[2], "panoptic", "cpu"); c = oracle.c
-ck = common.load_ckpt(sys.argv[1], "panoptic")
-model = common.EncoderDecoder(ck["config"]); model.load_state_dict(ck["model"]); model.eval()
-args = panoptic.p.parse_args(["--num_val", "100", "--num_train", "10"])
-for k, v in panoptic.PRESETS["synthetic"].items():
-    if getattr(args, k, None) is None: setattr(args, k, v)
-args.image_size = c["image_size"]
-tr, va, cats = panoptic.load_data(args)
-ds = panoptic.Scenes(va, cats, c["instances"], c["image_size"])
-allowed = vqvae.allowed_tokens(c["codebook"], "cpu")
-idx, img, target, sem, inst, gt, gt_cat, gt_crowd = next(iter(torch.utils.data.DataLoader(ds, batch_size=100)))
+import torch, collections
+from probe_setup import load, vqvae, common
+model, oracle, ds, cats, allowed, (idx, img, target, sem, inst, gt, gt_cat, gt_crowd) = load(100); c = oracle.c
 thing = (sem >= 1) & (sem <= 5)
 pure = -torch.nn.functional.max_pool2d(-thing.float()[:, None], 4).flatten(1) > 0  # cells fully inside a thing
 with torch.no_grad():
     codes = vqvae.encode(oracle, target, img) + 1
     g = common.sample(model, img, 256, 1, 0, allowed=allowed)[0][:, 0]
+    torch.manual_seed(0)  # the T = 1 line varies from run to run without a seed (230 and 226 distinct codes seen)
     s = common.sample(model, img, 256, 1, 1.0, allowed=allowed)[0][:, 0]
 for name, t in [("oracle", codes), ("greedy", g), ("sample T=1", s)]:
     cnt = collections.Counter(t[pure].tolist())

@@ -1,16 +1,8 @@
 # how predictable are the oracle's codes? distinct codes on pure cells, entropy of code given (class, slot, subpos)
 # run: python results/panoptic/probes/ent.py ORACLE_CKPT
-import os, sys, math, collections, torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.."))
-import vqvae, panoptic
-oracle = vqvae.load(sys.argv[1], "panoptic", "cpu"); c = oracle.c
-args = panoptic.p.parse_args(["--num_val", "300", "--num_train", "10"])
-for k, v in panoptic.PRESETS["synthetic"].items():
-    if getattr(args, k, None) is None: setattr(args, k, v)
-args.image_size = c["image_size"]
-tr, va, cats = panoptic.load_data(args)
-ds = panoptic.Scenes(va, cats, c["instances"], c["image_size"])
-idx, img, target, sem, inst, *_ = next(iter(torch.utils.data.DataLoader(ds, batch_size=300)))
+import math, collections, torch
+from probe_setup import load, vqvae
+model, oracle, ds, cats, allowed, (idx, img, target, sem, inst, gt, gt_cat, gt_crowd) = load(300); c = oracle.c
 with torch.no_grad(): codes = vqvae.encode(oracle, target, img)
 key = (sem * 100 + inst)
 kmin = -torch.nn.functional.max_pool2d(-key.float()[:, None], 4).flatten(1); kmax = torch.nn.functional.max_pool2d(key.float()[:, None], 4).flatten(1)

@@ -1,19 +1,8 @@
 # teacher-forced accuracy at the first code cell of each thing (raster order): the LM's decision points
 # run: python results/panoptic/probes/first.py STAGE2_CKPT ORACLE_CKPT
-import os, sys, torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.."))
-import vqvae, panoptic, common
-oracle = vqvae.load(sys.argv[2], "panoptic", "cpu"); c = oracle.c
-ck = common.load_ckpt(sys.argv[1], "panoptic")
-model = common.EncoderDecoder(ck["config"]); model.load_state_dict(ck["model"]); model.eval()
-args = panoptic.p.parse_args(["--num_val", "200", "--num_train", "10"])
-for k, v in panoptic.PRESETS["synthetic"].items():
-    if getattr(args, k, None) is None: setattr(args, k, v)
-args.image_size = c["image_size"]
-tr, va, cats = panoptic.load_data(args)
-ds = panoptic.Scenes(va, cats, c["instances"], c["image_size"])
-allowed = vqvae.allowed_tokens(c["codebook"], "cpu")
-idx, img, target, sem, inst, *_ = next(iter(torch.utils.data.DataLoader(ds, batch_size=200)))
+import torch
+from probe_setup import load, vqvae
+model, oracle, ds, cats, allowed, (idx, img, target, sem, inst, gt, gt_cat, gt_crowd) = load(200); c = oracle.c
 with torch.no_grad():
     codes = vqvae.encode(oracle, target, img) + 1
     logits = model(img, codes, allowed)

@@ -1,20 +1,9 @@
 # greedy vs teacher-forced codes of a stage II model, decoded by the oracle: thing-pixel class accuracy, PQ counts,
 # the confusion of thing classes, slots used, and greedy continued from the oracle's prefix up to the first thing cell
 # run: python results/panoptic/probes/tf.py STAGE2_CKPT ORACLE_CKPT
-import os, sys, torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.."))
-import vqvae, panoptic, common
-oracle = vqvae.load(sys.argv[2], "panoptic", "cpu"); c = oracle.c
-ck = common.load_ckpt(sys.argv[1], "panoptic")
-model = common.EncoderDecoder(ck["config"]); model.load_state_dict(ck["model"]); model.eval()
-args = panoptic.p.parse_args(["--num_val", "100", "--num_train", "10"])
-for k, v in panoptic.PRESETS["synthetic"].items():
-    if getattr(args, k, None) is None: setattr(args, k, v)
-args.image_size = c["image_size"]
-tr, va, cats = panoptic.load_data(args)
-ds = panoptic.Scenes(va, cats, c["instances"], c["image_size"])
-allowed = vqvae.allowed_tokens(c["codebook"], "cpu")
-idx, img, target, sem, inst, gt, gt_cat, gt_crowd = next(iter(torch.utils.data.DataLoader(ds, batch_size=100)))
+import torch
+from probe_setup import load, vqvae, panoptic, common
+model, oracle, ds, cats, allowed, (idx, img, target, sem, inst, gt, gt_cat, gt_crowd) = load(100); c = oracle.c
 C = c["classes"]; thing = (sem >= 1) & (sem <= 5)
 with torch.no_grad():
     codes = vqvae.encode(oracle, target, img) + 1
