@@ -32,7 +32,6 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # config: one flat block; presets per data source, explicit flags override
-
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500,
                       mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=20,
@@ -93,7 +92,6 @@ p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: 
 
 # -----------------------------------------------------------------------------
 # data and token format: 0 PAD, 1 BOS, 2 EOS, 3 UNK, then words by training frequency
-
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BAD_ENDINGS = {"a", "an", "the", "with", "and", "of", "on", "in", "to"}
@@ -136,9 +134,41 @@ def grammar(vocab_size, max_len):
     return a
 
 
+NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+           "thirteen", "fourteen", "fifteen", "sixteen"]
+
+
+def make_captions(scene):
+    """A synthetic scene's five references: colours, shapes, counts and spatial relations, in different words
+    (in the order the scene drew, so captions are a function of the world's seed)."""
+    things, (top, bottom) = scene["things"], scene["stuff"]
+    groups = {}
+    for t in things:
+        groups.setdefault((t["color"], t["name"]), []).append(t)
+    a = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
+    an = lambda t: f"{a(t['color'])} {t['color']} {t['name']}"  # noqa: E731
+    g = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}" for (c, s), v in g]
+    if len(phrases) > 3:  # every caption <= 20 words: name the two largest groups, count the others
+        phrases = phrases[:2] + [f"{NUMBERS[len(things) - len(g[0][1]) - len(g[1][1])]} other shapes"]
+    listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    n = len(things)
+    by_x = sorted(things, key=lambda t: t["box"][0] + t["box"][2])
+    left, right = by_x[0], by_x[-1]
+    shapes = sorted({t["name"] for t in things})
+    caps = [f"{listing} on the {bottom} under the {top}",
+            f"a picture of {listing} in front of the {top}",
+            f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''} on the {bottom}",
+            f"{an(left)} to the left of {an(right)}" if n > 1 else
+            f"a single {left['color']} {left['name']} on the {bottom}",
+            f"{' and '.join(s + 's' for s in shapes)} above the {bottom}" if n > 1 else
+            f"one {left['name']} and the {top}"]
+    return [caps[i] for i in scene["caption_order"]]
+
+
 def load_synthetic(split, n, size, seed):
     world = common.SyntheticWorld(split, n, size, seed)
-    return [dict(id=i, image=s["image"], refs=s["captions"]) for i, s in enumerate(world.scenes)]
+    return [dict(id=i, image=s["image"], refs=make_captions(s)) for i, s in enumerate(world.scenes)]
 
 
 def load_coco(args, split):
@@ -200,7 +230,6 @@ def collate(batch):
 
 # -----------------------------------------------------------------------------
 # CIDEr-D, vectorized: the reward (df from training references, EOS in the n-grams) and the metric
-
 def pad(seqs, length=None):
     """Lists of ints -> (N, length) int64, -1 outside each sequence."""
     length = max([len(s) for s in seqs] + [1]) if length is None else length
@@ -378,8 +407,6 @@ def evaluate_model(model, ds, meta, device, n_images):
 
 # -----------------------------------------------------------------------------
 # stages
-
-
 def setup(args, vocab=None):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -417,9 +444,8 @@ def train(args, stage):
                   f"process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
-    b = args.batch_size // world
+    b, t0 = args.batch_size // world, time.time()
     mb = args.micro_batch or b
-    t0 = time.time()
     for step, (idx, imgs) in enumerate(tqdm(loader, disable=not master, initial=start, total=args.steps,
                                             desc=stage), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")

@@ -35,7 +35,6 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # config: one flat block; presets per data source, explicit flags override
-
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
@@ -94,9 +93,17 @@ p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: 
 
 # -----------------------------------------------------------------------------
 # colour: sRGB <-> CIE Lab (D65), the gray input
-
 RGB2XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 WHITE = (0.95047, 1.0, 1.08883)  # D65 reference white, XYZ (= the matrix's row sums: R = G = B has a = b = 0)
+
+
+def lab_to_srgb(L, a, b):
+    """CIE Lab (D65) -> sRGB in [0, 1] (numpy, clipped)."""
+    fy = (L + 16) / 116
+    f = np.stack([fy + a / 500, fy, fy - b / 200], -1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
+    lin = xyz @ np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]).T
+    return np.clip(np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.abs(lin) ** (1 / 2.4) - 0.055), 0, 1)
 
 
 def linear(rgb):  # sRGB in [0, 1] -> linear light (the sRGB transfer function, inverted)
@@ -121,7 +128,6 @@ def to_gray(rgb):
 
 # -----------------------------------------------------------------------------
 # data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted)
-
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -139,7 +145,7 @@ def recolour_stuff(scene, rng, muted=0.7, keep_chroma=0.15):
         m = scene["panoptic"] == seg["id"]
         t, k = rng.uniform(-math.pi, math.pi), keep_chroma if rng.random() < muted else 1.0
         a2, b2 = k * (a[m] * math.cos(t) - b[m] * math.sin(t)), k * (a[m] * math.sin(t) + b[m] * math.cos(t))
-        out[m] = (common.lab_to_srgb(L[m], a2, b2) * 255).round().astype(np.uint8)
+        out[m] = (lab_to_srgb(L[m], a2, b2) * 255).round().astype(np.uint8)
     return out
 
 
@@ -202,8 +208,6 @@ def colours(oracle, tokens, gray):
 
 # -----------------------------------------------------------------------------
 # reward: colorfulness (the paper's), on the decoded images
-
-
 def colorfulness(images, min_chroma=10.0, bins=7):
     """(N, 3, H, W) sRGB in [0, 1] -> (score, vivid_fraction, hue_entropy), each (N,).
     vivid = fraction of pixels with Lab chroma sqrt(a^2 + b^2) > 10; hue = atan2(b, a) of every pixel in 7
@@ -232,8 +236,6 @@ REWARDS = {"colorfulness": reward_colorfulness}
 
 # -----------------------------------------------------------------------------
 # metric: colorfulness and both terms, PSNR to the true colours, the saturation-hacking indicator
-
-
 def gamut_edge(images):
     """(N, 3, H, W) in [0, 1] -> (N,) fraction of pixels with a channel at 0 or 255 (8 bits): colours pushed
     out of the sRGB gamut end there (clipped), so a model that hacks saturation raises it."""
@@ -279,8 +281,6 @@ def summarize(m):
 
 # -----------------------------------------------------------------------------
 # stages
-
-
 def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -317,9 +317,8 @@ def train(args, stage):
                   f"process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
-    b = args.batch_size // world
+    b, t0 = args.batch_size // world, time.time()
     mb = args.micro_batch or b
-    t0 = time.time()
     for step, (idx, gray, rgb) in enumerate(tqdm(loader, disable=not master, initial=start, total=args.steps,
                                                  desc=stage), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")

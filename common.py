@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # errors, DDP, device
@@ -127,15 +128,12 @@ class Attention(nn.Module):
     def forward(self, x, kv=None, causal=False, cache=None, pos=0):
         B, T, D = x.shape
         q = self.split(self.q(x))
-        if kv is None:  # self-attention
-            k, v = self.memory_kv(x)
-            if cache is not None:  # cache: (2, B, H, L, D/H); write T new positions at pos
-                assert T == 1 or pos == 0, "cached attention takes one token at a time"
-                cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
-                k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
-                causal = causal and T > 1  # a single new query may see every cached key
-        else:
-            k, v = kv
+        k, v = self.memory_kv(x) if kv is None else kv  # self-attention, or cross-attention to given K/V
+        if kv is None and cache is not None:  # cache: (2, B, H, L, D/H); write T new positions at pos
+            assert T == 1 or pos == 0, "cached attention takes one token at a time"
+            cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
+            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
+            causal = causal and T > 1  # a single new query may see every cached key
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -216,6 +214,8 @@ def load_timm_encoder(model, path):
     sd = torch_load(path)
     sd, enc = sd.get("model", sd.get("state_dict", sd)), model.encoder
     try:
+        if "encoder" in sd:  # --stage encoder's encoder.pt: our own key names
+            return enc.load_state_dict(sd["encoder"])
         new = {"patch.weight": sd["patch_embed.proj.weight"], "patch.bias": sd["patch_embed.proj.bias"]}
         pos = sd["pos_embed"][:, 1:] if "cls_token" in sd else sd["pos_embed"]  # timm's class token: we have none
         if pos.shape[1] != enc.pos.shape[1]:  # other resolution: resize the position grid bilinearly
@@ -234,7 +234,7 @@ def load_timm_encoder(model, path):
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
         enc.load_state_dict(new)
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"{path}: not a timm ViT matching --model ({str(e).splitlines()[0][:120]})")
+        raise UserError(f"{path}: not a ViT (timm or encoder.pt) matching --model ({str(e).splitlines()[0][:120]})")
 
 # -----------------------------------------------------------------------------
 # sampling: encoder once, cross-attention K/V once, self-attention KV cache
@@ -307,14 +307,13 @@ def mle_loss(model, images, tokens, weight, allowed=None):
 def baseline(r, kind):
     """r (B, K) rewards of K samples per image -> b (B, K), each b_k independent of sample k.
     none: 0 | independent: another sample's reward (Algorithm 2) | loo: mean of the other K-1."""
-    K = r.shape[1]
     if kind == "none":
         return torch.zeros_like(r)
-    if K < 2:
+    if r.shape[1] < 2:
         raise UserError(f"--baseline {kind} needs --samples >= 2")
     if kind == "independent":
         return r.roll(-1, dims=1)
-    return (r.sum(1, keepdim=True) - r) / (K - 1)
+    return (r.sum(1, keepdim=True) - r) / (r.shape[1] - 1)
 
 def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="first", allowed=None):
     """REINFORCE with a baseline: loss = -mean_i (r_i - b_i) * sum_t mask_it log p(y_it | x_i, y_i<t) / L,
@@ -454,9 +453,6 @@ class StepSampler:
         self.args, self.range = (n, global_batch, seed), range(start, steps)
         self.slice = slice(rank * b, (rank + 1) * b)
 
-    def __len__(self):
-        return len(self.range)
-
     def __iter__(self):
         for step in self.range:
             yield step_indices(*self.args, step)[self.slice].tolist()
@@ -482,23 +478,18 @@ STUFF = ["sky", "wall", "grass", "water", "sand"]  # first two go on top, last t
 CATEGORIES = [dict(id=i + 1, name=n, isthing=1) for i, n in enumerate(THINGS)] + \
              [dict(id=len(THINGS) + i + 1, name=n, isthing=0) for i, n in enumerate(STUFF)]
 
-def lab_to_srgb(L, a, b):
-    """CIE Lab (D65) -> sRGB in [0, 1] (numpy, clipped)."""
-    fy = (L + 16) / 116
-    f = np.stack([fy + a / 500, fy, fy - b / 200], -1)
-    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
-    lin = xyz @ np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]).T
-    return np.clip(np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.abs(lin) ** (1 / 2.4) - 0.055), 0, 1)
-
-# Thing colours share one lightness (L*=62): in gray they all look alike, so an object's hue
-# cannot be read from its gray level (colorization must guess, as on real photos).
+# Thing colours: CIE Lab L* = 62, chroma 42 at the hue angles of HUES, in sRGB (colorize.lab_to_srgb). One
+# lightness: in gray they all look alike, so an object's hue cannot be read from its gray level (as on real photos).
 HUES = {"red": 30, "orange": 65, "yellow": 95, "green": 140, "teal": 195, "blue": 265, "purple": 320}
-COLORS = {n: lab_to_srgb(62.0, 42 * math.cos(math.radians(h)), 42 * math.sin(math.radians(h)))
-          for n, h in HUES.items()}
+COLORS = {n: np.array(v) for n, v in {"red": (0.8585646099421423, 0.4817199147733004, 0.4493683771828931),
+          "orange": (0.7763624593337076, 0.5357610919850961, 0.32403620969940183),
+          "yellow": (0.6537037303339612, 0.5872326645219655, 0.2890659506021929),
+          "green": (0.41123126734449467, 0.6423686504779726, 0.39374843554747735),
+          "teal": (0.0, 0.6631337420346136, 0.6581719443514065),
+          "blue": (0.28668553959339804, 0.6099798213767353, 0.8767474758066823),
+          "purple": (0.7211638083156409, 0.5124824835587496, 0.776592719348732)}.items()}
 STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.30, 0.55, 0.25),
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
-NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-           "thirteen", "fourteen", "fifteen", "sixteen"]
 
 def _shape_mask(kind, yy, xx, cy, cx, r):
     dy, dx = yy - cy, xx - cx
@@ -516,7 +507,7 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
 def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
     index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
-    segments; stuff names; five paraphrased captions."""
+    segments; stuff names; the order of its five captions (caption.py words them)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     top, bottom = rng.choice(STUFF[:2]), rng.choice(STUFF[2:])
     horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xx / size * rng.uniform(2, 6) + rng.uniform(0, 6))
@@ -552,38 +543,47 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
         s["area"] = int(len(ys))
         s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
     return dict(image=(img * 255).round().astype(np.uint8), things=things, panoptic=seg, segments=segments,
-                stuff=[top, bottom], captions=make_captions(rng, things, top, bottom, size))
-
-def make_captions(rng, things, top, bottom, size):
-    """Five references that name colours, shapes, counts and spatial relations, in different words."""
-    groups = {}
-    for t in things:
-        groups.setdefault((t["color"], t["name"]), []).append(t)
-    a = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
-    an = lambda t: f"{a(t['color'])} {t['color']} {t['name']}"  # noqa: E731
-    g = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}" for (c, s), v in g]
-    if len(phrases) > 3:  # every caption <= 20 words: name the two largest groups, count the others
-        phrases = phrases[:2] + [f"{NUMBERS[len(things) - len(g[0][1]) - len(g[1][1])]} other shapes"]
-    listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    n = len(things)
-    by_x = sorted(things, key=lambda t: t["box"][0] + t["box"][2])
-    left, right = by_x[0], by_x[-1]
-    shapes = sorted({t["name"] for t in things})
-    caps = [f"{listing} on the {bottom} under the {top}",
-            f"a picture of {listing} in front of the {top}",
-            f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''} on the {bottom}",
-            f"{an(left)} to the left of {an(right)}" if n > 1 else
-            f"a single {left['color']} {left['name']} on the {bottom}",
-            f"{' and '.join(s + 's' for s in shapes)} above the {bottom}" if n > 1 else
-            f"one {left['name']} and the {top}"]
-    return [caps[i] for i in rng.permutation(len(caps))]
+                stuff=[top, bottom], caption_order=rng.permutation(5))
 
 class SyntheticWorld:
     """n scenes of one split, generated once and kept in memory; split seeds never collide."""
     def __init__(self, split, n, size, seed=0, **scene):  # scene: make_scene's max_things, radius
         sid = {"train": 1, "val": 2}[split]
         self.scenes = [make_scene(np.random.default_rng([seed, sid, i]), size, **scene) for i in range(n)]
+
+# -----------------------------------------------------------------------------
+# --stage encoder: our stand-in for the paper's pretrained ViT (ImageNet-21k / Objects365, not downloadable). Through
+# a decoder's loss alone a random tiny ViT does not learn to tell the shapes apart (results/panoptic/probes).
+def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
+    """ViT + a linear head giving each patch token its P x P pixels' classes (void + CATEGORIES), cross-entropy.
+    Writes out_dir/<task>/encoder/encoder.pt for --stage mle; short, so --resume skips it once done (no resuming)."""
+    path = os.path.join(args.out_dir, task, "encoder", "encoder.pt")
+    if args.resume and os.path.exists(path):
+        return print0(f"{path} exists: encoder stage skipped (--resume)")
+    P, g, C, n = cfg["patch"], cfg["image_size"] // cfg["patch"], len(CATEGORIES) + 1, len(scenes)
+    sem = torch.from_numpy(np.stack([np.select([s["panoptic"] == x["id"] for x in s["segments"]], [  # (N, S, S)
+        x["category_id"] for x in s["segments"]]) for s in scenes]))  # pixel classes, 0 = void
+    sem = sem.view(n, g, P, g, P).transpose(2, 3).reshape(n, g * g, P * P)  # token order: (N, T, P * P)
+    imgs = torch.from_numpy(np.stack([s["image"] for s in scenes])).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
+    raw = nn.Sequential(ViT(cfg), nn.Linear(cfg["width"], C * P * P)).to(device)  # (B, N, D) -> (B, N, C * P * P)
+    model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
+    opt = make_optimizer(raw, "adamw", args.lr, args.wd, 1.0)
+    log, t0 = Logger(os.path.dirname(path), rank == 0), time.time()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs, sem), batch_sampler=StepSampler(
+        n, args.batch_size, args.seed, 0, args.steps, rank, world))
+    for step, (x, y) in enumerate(tqdm(loader, disable=rank > 0, total=args.steps, desc="encoder")):
+        set_lr(opt, step, args.lr, args.warmup, args.steps, "cosine")
+        x, y = (x.float() / 127.5 - 1).to(device), y.to(device)
+        def loss():
+            with autocast(device):
+                return F.cross_entropy(model(x).float().unflatten(-1, (C, P * P)).transpose(1, 2), y), {}
+        stats = train_step(model, opt, args, [loss], world)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            log(step + 1, s_per_step=(time.time() - t0) / (step + 1), **stats)
+    if rank == 0:
+        save_ckpt(path, encoder=raw[0].state_dict(), config=cfg)
+    ddp_end_stage()
+    return raw
 
 # -----------------------------------------------------------------------------
 # pictures: a grid of labelled panels (every eval writes one)

@@ -8,7 +8,7 @@ confidence token its IoU, which ranks the boxes for mAP.
 
     python detect.py                    # all stages on the synthetic world (2 CPU cores: 26 min)
     python detect.py --tiny             # every stage in about a minute (smoke test)
-    python detect.py --stage mle|reward|mle_cont|eval
+    python detect.py --stage encoder|mle|reward|mle_cont|eval
     torchrun --nproc_per_node=8 detect.py --stage reward --data coco --data_dir /data/coco
 
 Measured on the synthetic world (README, results/detect/): MLE 4.4 AP / 12.5 AR@100, MLE continued
@@ -32,22 +32,23 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # config: one flat block; presets per data source, explicit flags override
-
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
                       mle_steps=2400, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
-                      reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500),
+                      reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500,
+                      enc_steps=1500, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=1280, max_boxes=100, batch_size=256,
                  mle_steps=10000, mle_lr=1e-4, mle_warmup=1000, mle_wd=0.0, reward_steps=100000, reward_lr=1e-6,
                  reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0),
 }
 TINY = dict(dec_layers=2, image_size=32, max_boxes=8, batch_size=8, mle_steps=30, reward_steps=10, eval_images=16,
-            num_train=128, num_val=16, mle_warmup=5, reward_warmup=2)
+            num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, enc_steps=10, enc_warmup=2)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
-               help="mle: pretrain; reward: tune from out/detect/mle; mle_cont: the fair control, MLE for as "
+p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
+               help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
+                    "ViT); mle: pretrain; reward: tune from out/detect/mle; mle_cont: the fair control, MLE for as "
                     "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/instances_<split>.json and <split>/ images")
@@ -60,7 +61,8 @@ p.add_argument("--out_dir", default="out", help="stages write out_dir/detect/<st
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
 p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (paper: 6)")
-p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
+               "out_dir/detect/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 1280)")
 p.add_argument("--max_boxes", type=int, default=None, help="box slots per sequence, 6 tokens each (COCO: 100)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch, split over processes")
@@ -194,12 +196,15 @@ class Boxes(torch.utils.data.Dataset):
             torch.tensor(it["labels"], dtype=torch.long)
 
 
+def scene_flags(args):
+    return {k: v for k, v in [("max_things", args.max_things), ("radius", args.radius)] if v is not None}
+
+
 def load_data(args):
     """-> train items, val items, val GT dict, class names, COCO category ids."""
     if args.data == "synthetic":
-        scene = {k: v for k, v in [("max_things", args.max_things), ("radius", args.radius)] if v is not None}
-        tr, _ = load_synthetic("train", args.num_train, args.image_size, args.seed, **scene)
-        va, gt = load_synthetic("val", args.num_val, args.image_size, args.seed, **scene)
+        tr, _ = load_synthetic("train", args.num_train, args.image_size, args.seed, **scene_flags(args))
+        va, gt = load_synthetic("val", args.num_val, args.image_size, args.seed, **scene_flags(args))
         return tr, va, gt, list(common.THINGS), list(range(1, len(common.THINGS) + 1))
     tr, _, names, cats = load_coco(args.data_dir, args.train_split)
     va, gt, _, _ = load_coco(args.data_dir, args.val_split)
@@ -228,8 +233,6 @@ def class_weights(items, num_classes, smooth=0.05):
 
 # -----------------------------------------------------------------------------
 # rewards: reward(pred (B, K, L), batch) -> (r (B, K), aux)
-
-
 def box_iou(a, b):  # (..., P, 4), (..., G, 4) yxyx -> (..., P, G)
     lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
     rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
@@ -290,8 +293,6 @@ def conf_loss(logits, tokens, match_iou, num_classes):
 
 # -----------------------------------------------------------------------------
 # metric: pycocotools COCOeval on the held-out split, in original image coordinates
-
-
 def to_xywh(box, item):
     """Normalized [ymin, xmin, ymax, xmax] -> COCO [x, y, w, h] in the item's original pixels."""
     return [box[1] * item["w"], box[0] * item["h"], (box[3] - box[1]) * item["w"], (box[2] - box[0]) * item["h"]]
@@ -354,8 +355,6 @@ def evaluate_model(model, ds, gt, meta, device, n_images):
 
 # -----------------------------------------------------------------------------
 # stages
-
-
 def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -363,6 +362,17 @@ def setup(args):
     meta = dict(classes=names, cat_ids=cats, max_boxes=args.max_boxes, reward=args.reward,
                 class_weights=class_weights(tr, len(names)))
     return rank, world, device, Boxes(tr, args.image_size), Boxes(va, args.image_size), gt, meta
+
+
+def pretrain_encoder(args):
+    """--stage encoder: the ViT alone learns every pixel's class on the synthetic training scenes."""
+    if args.data != "synthetic":
+        raise UserError("--stage encoder trains on the synthetic world; on COCO pass --init_encoder (a timm ViT)")
+    rank, world, device = common.ddp_setup()
+    torch.manual_seed(args.seed)
+    scenes = common.SyntheticWorld("train", args.num_train, args.image_size, args.seed, **scene_flags(args)).scenes
+    cfg = common.model_config(args.model, args.image_size, 1, 1, 0, 0, args.patch)  # only its ViT part is used
+    common.pretrain_encoder(args, "detect", cfg, scenes, device, rank, world)
 
 
 def train(args, stage):
@@ -384,17 +394,19 @@ def train(args, stage):
         with torch.no_grad():  # coordinate levels start as sin-cos of their value: level 437 looks like 438
             raw.decoder.tok.weight[COORD0:COORD0 + LEVELS + 1] = 0.03 * common.sincos(torch.arange(LEVELS + 1) / 4,
                                                                                      cfg["width"]).to(device)
-        if args.init_encoder:
-            common.load_timm_encoder(raw, args.init_encoder)
+        enc = args.init_encoder or os.path.join(args.out_dir, "detect", "encoder", "encoder.pt")
+        enc = enc if args.init_encoder or os.path.exists(enc) else ""
+        if enc:
+            common.load_timm_encoder(raw, enc)
+        common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
     allowed, sample_allowed = grammar(args.max_boxes, nc).to(device), grammar(args.max_boxes, nc, (2,)).to(device)
     log = common.Logger(os.path.dirname(path), master, resume=start > 0)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
                   f"images, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
-    b = args.batch_size // world
+    b, t0 = args.batch_size // world, time.time()
     mb = args.micro_batch or b
-    t0 = time.time()
     for step, (idx, imgs, boxes, labels) in enumerate(tqdm(loader, disable=not master, initial=start,
                                                            total=args.steps, desc=stage), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
@@ -520,16 +532,19 @@ def main():
               "eval_images", "num_train", "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic":]  # COCO: --init_encoder
+    stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = "reward" if stage == "reward" else "mle"
+        kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
         for k, v in given.items():
-            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
+            setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
         if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
             args.steps = given["steps"] or preset["reward_steps"]
         if stage == "eval":
             evaluate(args)
+        elif stage == "encoder":
+            pretrain_encoder(args)
         else:
             train(args, stage)
 

@@ -8,7 +8,7 @@ and raises the likelihood of those above the mean of the other K-1. `pq_compute`
 
     python vqvae.py --task panoptic && python panoptic.py   # the synthetic world, all stages
     python panoptic.py --tiny                               # every stage in about a minute (smoke test)
-    python panoptic.py --stage mle|reward|mle_cont|eval
+    python panoptic.py --stage encoder|mle|reward|mle_cont|eval
 
     from panoptic import pq_compute
     results = pq_compute("panoptic_val2017.json", "predictions.json", "panoptic_val2017/", "predictions/")
@@ -33,21 +33,22 @@ from common import UserError
 
 # -----------------------------------------------------------------------------
 # config: one flat block; presets per data source, explicit flags override
-
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
-                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300),
+                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=1500,
+                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
     # the paper's Table 5 (ViT-L/16, 24 decoder layers, 512 px); MLE: UViM's stage II (44.6k steps, lr 1e-3)
     "coco": dict(model="L/16", patch=16, dec_layers=24, batch_size=128, mle_steps=44600, mle_lr=1e-3, mle_warmup=4000,
                  mle_wd=1e-6, reward_steps=30000, reward_lr=1e-6, reward_warmup=4000, reward_wd=0.0, enc_lr_mult=0.1,
                  samples=2, eval_images=5000, num_train=0, num_val=0)}
 TINY = dict(dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8, num_train=64, num_val=8,
-            mle_warmup=5, samples=2)
+            mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
-               help="mle: pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE for as "
+p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
+               help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
+                    "ViT); mle: pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE for as "
                     "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/panoptic_<split>.json, ...")
@@ -58,7 +59,8 @@ p.add_argument("--out_dir", default="out", help="stages write out_dir/panoptic/<
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
 p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM: 24)")
-p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
+               "out_dir/panoptic/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
@@ -91,7 +93,6 @@ p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: 
 
 # -----------------------------------------------------------------------------
 # data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted)
-
 MAX_SEGMENTS = 100  # ground-truth segments per image the reward reads (COCO has up to ~90; synthetic <= 8)
 
 
@@ -185,8 +186,6 @@ def segment(oracle, tokens, image, min_segment=0):
 
 # -----------------------------------------------------------------------------
 # reward: PQ's counts per image, in memory and vectorized (no files, no Python loop over segments)
-
-
 def pq_counts(gt, gt_cat, gt_crowd, pred, pred_cat):
     """Per-image TP / FP / FN and summed matched IoU under pq_compute's rules, for a batch.
     gt (N, H, W) segment index 0..G (0 = void), gt_cat (N, G+1) category (-1: no such segment), gt_crowd
@@ -210,11 +209,6 @@ def pq_counts(gt, gt_cat, gt_crowd, pred, pred_cat):
                 fn=(g_ok & ~gt_crowd & ~match.any(2)).sum(1))
 
 
-def pq_reward(counts, fp_weight=0.3):
-    """The panoptic reward of one image: r = sum of matched IoUs - 0.3 x false-positive segments."""
-    return counts["iou"] - fp_weight * counts["fp"]
-
-
 def reward_pq(pred, batch):
     """r = sum of IoUs of matched segments (same class, IoU > 0.5, void and crowd as PQ) - 0.3 x unmatched
     predicted segments. pred = (segment index (B, K, H, W), category (B, K, I)); batch: the ground truth
@@ -223,7 +217,7 @@ def reward_pq(pred, batch):
     rep = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
     c = pq_counts(rep(batch["gt"]), rep(batch["gt_cat"]), rep(batch["gt_crowd"]), seg.flatten(0, 1),
                   cat.flatten(0, 1))
-    r = pq_reward(c).view(B, K).float()
+    r = (c["iou"] - 0.3 * c["fp"]).view(B, K).float()
     return r, dict(tp=c["tp"].double().mean(), fp=c["fp"].double().mean(), fn=c["fn"].double().mean())
 
 
@@ -232,20 +226,17 @@ REWARDS = {"pq": reward_pq}
 
 # -----------------------------------------------------------------------------
 # metric: COCO panoptic format, PQ as panopticapi computes it
-
 VOID, OFFSET, GROUPS = 0, 256 ** 3, ("All", "Things", "Stuff")
 
 
 def rgb2id(png):
     """(H, W, 3) uint8 colours -> (H, W) segment ids: R + 256 G + 256^2 B (0 = void)."""
-    png = png.astype(np.uint32)
-    return png[..., 0] + 256 * png[..., 1] + 256 * 256 * png[..., 2]
+    return png.astype(np.uint32) @ np.array([1, 256, 256 ** 2], np.uint32)
 
 
 def id2rgb(ids):
     """(H, W) segment ids -> (H, W, 3) uint8 colours, the inverse of rgb2id."""
-    ids = np.asarray(ids, np.uint32)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+    return np.stack([np.asarray(ids, np.uint32) // d % 256 for d in (1, 256, 256 ** 2)], -1).astype(np.uint8)
 
 
 def read_ids(path):
@@ -265,9 +256,8 @@ def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats):
     inter = {(int(k // OFFSET), int(k % OFFSET)): int(c) for k, c in zip(pairs, counts)}
     gt_matched, pred_matched = set(), set()
     for (g, q), n in inter.items():
-        if g not in gt_segs or q not in pred_segs or gt_segs[g].get("iscrowd", 0) == 1:
-            continue
-        if gt_segs[g]["category_id"] != pred_segs[q]["category_id"]:
+        if g not in gt_segs or q not in pred_segs or gt_segs[g].get("iscrowd", 0) == 1 or \
+                gt_segs[g]["category_id"] != pred_segs[q]["category_id"]:
             continue
         iou = n / (pred_segs[q]["area"] + gt_segs[g]["area"] - n - inter.get((VOID, q), 0))
         if iou > 0.5:
@@ -305,8 +295,8 @@ def pq_average(stats, categories, isthing):
         if tp + fp + fn == 0:
             per_class[c] = dict(pq=0.0, sq=0.0, rq=0.0)
             continue
-        r = dict(pq=iou / (tp + 0.5 * fp + 0.5 * fn), sq=iou / tp if tp else 0.0, rq=tp / (tp + 0.5 * fp + 0.5 * fn))
-        per_class[c] = r
+        per_class[c] = r = dict(pq=iou / (tp + 0.5 * fp + 0.5 * fn), sq=iou / tp if tp else 0.0,
+                                rq=tp / (tp + 0.5 * fp + 0.5 * fn))
         total["n"] += 1
         for k in ("pq", "sq", "rq"):
             total[k] += r[k]
@@ -366,8 +356,6 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
 
 # -----------------------------------------------------------------------------
 # eval: greedy codes -> segments; PQ in memory while training, through files (COCO panoptic format) at eval
-
-
 @torch.no_grad()
 def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
     """Greedy segmentations of the first n_images -> [(segment index (S, S) uint32, {index: category id})].
@@ -418,8 +406,6 @@ def write_coco(folder, json_path, annotations, categories=None):
 
 # -----------------------------------------------------------------------------
 # stages
-
-
 def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -431,6 +417,15 @@ def setup(args):
         raise UserError(f"{path}: an oracle of other categories than this data's")
     tr, va = (Scenes(x, cats, oracle.c["instances"], args.image_size) for x in (tr, va))
     return rank, world, device, oracle, path, tr, va
+
+
+def pretrain_encoder(args):
+    """--stage encoder: the ViT alone learns every pixel's class on the synthetic training scenes."""
+    if args.data != "synthetic":
+        raise UserError("--stage encoder trains on the synthetic world; on COCO pass --init_encoder (a timm ViT)")
+    rank, world, device, _, _, tr, _ = setup(args)
+    cfg = common.model_config(args.model, args.image_size, 1, 1, 0, 0, args.patch)  # only its ViT part is used
+    common.pretrain_encoder(args, "panoptic", cfg, tr.items, device, rank, world)
 
 
 def train(args, stage):
@@ -449,17 +444,20 @@ def train(args, stage):
     if cfg["vocab"] != V:
         raise UserError(f"{init}: a model of {cfg['vocab'] - 1} codes, the oracle {oracle_path} has {V - 1}")
     raw, model, opt, start, path, meta = common.stage_setup("panoptic", stage, args, cfg, meta, device, world, state)
-    if not ck and start == 0 and args.init_encoder:
-        common.load_timm_encoder(raw, args.init_encoder)
+    if not ck and start == 0:
+        enc = args.init_encoder or os.path.join(args.out_dir, "panoptic", "encoder", "encoder.pt")
+        enc = enc if args.init_encoder or os.path.exists(enc) else ""
+        if enc:
+            common.load_timm_encoder(raw, enc)
+        common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
     allowed = vqvae.allowed_tokens(V - 1, device)
     log = common.Logger(os.path.dirname(path), master, resume=start > 0)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train images, "
                   f"{V - 1} codes, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
-    b = args.batch_size // world
+    b, t0 = args.batch_size // world, time.time()
     mb = args.micro_batch or b
-    t0 = time.time()
     for step, (idx, img, target, _, _, gt, gt_cat, gt_crowd) in enumerate(tqdm(
             loader, disable=not master, initial=start, total=args.steps, desc=stage), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
@@ -528,8 +526,7 @@ def evaluate(args):
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
-    out = os.path.join(base, "eval")
-    n = min(args.eval_images, len(va))
+    out, n = os.path.join(base, "eval"), min(args.eval_images, len(va))
     items, gt_json = va.items[:n], os.path.join(out, "gt.json")
     image_ids = [it.get("id", i) for i, it in enumerate(items)]
     if "file" in items[0]:  # COCO: the original PNGs and the evaluated images' annotations
@@ -582,16 +579,19 @@ def main():
               "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic":]  # COCO: --init_encoder
+    stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = "reward" if stage == "reward" else "mle"
+        kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
         for k, v in given.items():
-            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
+            setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
         if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
             args.steps = given["steps"] or preset["reward_steps"]
         if stage == "eval":
             evaluate(args)
+        elif stage == "encoder":
+            pretrain_encoder(args)
         else:
             train(args, stage)
 

@@ -37,7 +37,7 @@ def test_lab_matches_reference_values(rgb, lab):
 
 
 def test_lab_inverts_the_worlds_colours():
-    # common.lab_to_srgb drew the synthetic colours from Lab (L*=62, chroma 42): converting back finds them
+    # the world's colours are sRGB of Lab L*=62, chroma 42 at the HUES angles: converting back finds them
     for name, h in common.HUES.items():
         if name == "teal":  # out of the sRGB gamut at this lightness: clipped, so not invertible
             continue
@@ -65,7 +65,7 @@ def test_colorfulness_constructed_images():
     stripes = []
     for j in range(7):
         h = -math.pi + (j + 0.5) * 2 * math.pi / 7
-        stripes.append(common.lab_to_srgb(60.0, 25 * math.cos(h), 25 * math.sin(h)))
+        stripes.append(colorize.lab_to_srgb(60.0, 25 * math.cos(h), 25 * math.sin(h)))
     x = torch.tensor(np.repeat(np.stack(stripes)[None], 3, 0), dtype=torch.float32).permute(2, 0, 1)[None]
     score, vivid, ent = colorize.colorfulness(x)  # (1, 3, 3, 7)
     assert vivid.item() == 1 and abs(ent.item() - math.log(7)) < 1e-6 and abs(score.item() - math.log(7)) < 1e-6

@@ -43,6 +43,8 @@ def tiny(tmp_path_factory):
 
 def test_tiny_runs_every_stage(tiny):
     out, stdout = tiny
+    enc = out / "detect" / "encoder" / "encoder.pt"
+    assert os.path.exists(enc) and f"encoder: {enc}" in stdout  # the mle stage started from --stage encoder's ViT
     for stage in ["mle", "reward", "mle_cont"]:
         assert os.path.exists(out / "detect" / stage / "ckpt.pt")
         log = [json.loads(l) for l in open(out / "detect" / stage / "log.jsonl")]
@@ -59,6 +61,11 @@ def test_bad_data_dir_is_one_line_exit_2(tmp_path):
     p = run("--data", "coco", "--data_dir", tmp_path / "missing", "--tiny", ok=False)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "missing" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_encoder_stage_on_coco_is_one_line_exit_2(tmp_path):
+    p = run("--stage", "encoder", "--data", "coco", "--data_dir", tmp_path, "--tiny", ok=False)
+    assert p.returncode == 2 and "--init_encoder" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_wrong_checkpoint_is_one_line_exit_2(tmp_path):
@@ -115,7 +122,7 @@ def test_two_processes_run_every_stage(tmp_path):
 def test_stop_at_ends_the_whole_run(tmp_path):
     p = run("--tiny", "--out_dir", tmp_path, "--stop_at", 2)  # --stage all: a preempted job runs no later stage
     assert "stopping after step 2" in p.stdout
-    assert sorted(os.listdir(tmp_path / "detect")) == ["mle"]
+    assert sorted(os.listdir(tmp_path / "detect")) == ["encoder", "mle"]
 
 
 def test_scene_flags_reach_the_synthetic_world():

@@ -157,6 +157,11 @@ def test_in_memory_counts_agree_with_pq_compute_per_image():
                            torch.tensor(np.stack([padded(p[2], G1, False) for p in pairs])),
                            torch.tensor(np.stack([p[3] for p in pairs])),
                            torch.tensor(np.stack([padded(p[4], S1, -1) for p in pairs])))
+    r, _ = panoptic.reward_pq((torch.tensor(np.stack([p[3] for p in pairs]))[:, None],
+                               torch.tensor(np.stack([padded(p[4], S1, -1) for p in pairs]))[:, None]),
+                              dict(gt=torch.tensor(np.stack([p[0] for p in pairs])),
+                                   gt_cat=torch.tensor(np.stack([padded(p[1], G1, -1) for p in pairs])),
+                                   gt_crowd=torch.tensor(np.stack([padded(p[2], G1, False) for p in pairs]))))
     seen = np.zeros(4)
     for i, (gt, gt_cat, gt_crowd, pred, pred_cat) in enumerate(pairs):
         gs = {g: dict(category_id=int(gt_cat[g]), iscrowd=int(gt_crowd[g]), area=int((gt == g).sum()))
@@ -168,10 +173,9 @@ def test_in_memory_counts_agree_with_pq_compute_per_image():
         iou, tp, fp, fn = (sum(s[k] for s in stats.values()) for k in range(4))
         assert (c["tp"][i], c["fp"][i], c["fn"][i]) == (tp, fp, fn), i
         assert float(c["iou"][i]) == pytest.approx(iou, abs=1e-12)
+        assert float(r[i, 0]) == pytest.approx(iou - 0.3 * fp, abs=1e-5)  # the reward: matched IoUs - 0.3 x FPs
         seen += [tp > 0, fp > 0, fn > 0, any(gs[g]["iscrowd"] for g in gs)]
     assert (seen > 20).all()  # the random cases exercise matches, false positives, misses and crowds
-    r = panoptic.pq_reward(c)
-    assert torch.allclose(r, c["iou"] - 0.3 * c["fp"])
 
 
 # ----------------------------------------------------------------------------- the COCO panoptic layout, end to end

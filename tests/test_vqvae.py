@@ -110,6 +110,7 @@ def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
     assert "oracle on 16 held-out scenes" in p.stdout
     p = run("panoptic.py")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert f"encoder: {tmp_path / 'panoptic' / 'encoder' / 'encoder.pt'}" in p.stdout  # mle began from that ViT
     ev = tmp_path / "panoptic" / "eval"
     m = json.load(open(ev / "metrics.json"))
     assert list(m) == ["oracle", "mle", "mle_cont", "reward"] and m["reward"]["steps"] == "30+10"

@@ -16,7 +16,7 @@ with torch.no_grad():
         rep = lambda x: x.repeat_interleave(k, 0)
         cnt = panoptic.pq_counts(rep(gt), rep(gt_cat), rep(gt_crowd), seg, cat)
         ct = panoptic.pq_counts(rep(gt), rep(thing_gt), rep(gt_crowd), seg, cat)  # things only
-        r = panoptic.pq_reward(cnt).view(-1, k).float()
+        r = (cnt["iou"] - 0.3 * cnt["fp"]).view(-1, k).float()  # panoptic.reward_pq's formula
         print(f"T {T} top_k {topk} min_seg {ms}: reward {r.mean():.3f} best-of-K {r.max(1).values.mean():.3f} std-in-image {r.std(1).mean() if k > 1 else 0:.3f}"
               f" tp {cnt['tp'].double().mean():.2f} fp {cnt['fp'].double().mean():.2f} thing tp {ct['tp'].double().mean():.3f}"
               f" imgs with a thing tp in some sample {(ct['tp'].view(-1, k) > 0).any(1).float().mean():.2f}", flush=True)
