@@ -6,14 +6,14 @@ of those that score above a baseline on the authors' reward: class-weighted matc
 over IoU thresholds 0.50:0.05:0.95 minus 0.3 x duplicates, plus a loss that teaches each box's
 confidence token its IoU, which ranks the boxes for mAP.
 
-    python detect.py                    # all stages on the synthetic world (2 CPU cores: 26 min)
+    python detect.py                    # all stages on the synthetic world (2 CPU cores: 23 min)
     python detect.py --tiny             # every stage in about a minute (smoke test)
     python detect.py --stage encoder|mle|reward|mle_cont|eval
     torchrun --nproc_per_node=8 detect.py --stage reward --data coco --data_dir /data/coco
 
-Measured on the synthetic world (README, results/detect/): MLE 4.4 AP / 12.5 AR@100, MLE continued
-5.9 / 13.4, reward-tuned 2.8 / 10.6: the paper's gain (COCO: 39.2 -> 54.3 mAP, 54.4 -> 67.2 AR@100)
-is not reproduced yet at this budget; the README says what we know about why.
+Measured on the synthetic world (README, results/detect/): MLE 32.9 AP / 41.9 AR@100, MLE continued
+28.4 / 37.0, reward-tuned 31.6 / 40.6: the paper's gain (COCO: 39.2 -> 54.3 mAP, 54.4 -> 67.2 AR@100)
+is not reproduced at this budget; the README says what we know about why.
 """
 import argparse
 import contextlib
@@ -34,9 +34,9 @@ from common import UserError
 # config: one flat block; presets per data source, explicit flags override
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
-                      mle_steps=2400, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
+                      mle_steps=2000, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=1e-5,
                       reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500,
-                      enc_steps=1500, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
+                      enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=1280, max_boxes=100, batch_size=256,
                  mle_steps=10000, mle_lr=1e-4, mle_warmup=1000, mle_wd=0.0, reward_steps=100000, reward_lr=1e-6,

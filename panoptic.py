@@ -36,12 +36,12 @@ from common import UserError
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
-                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=1500,
-                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
+                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
+                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, temperature=0.5),
     # the paper's Table 5 (ViT-L/16, 24 decoder layers, 512 px); MLE: UViM's stage II (44.6k steps, lr 1e-3)
     "coco": dict(model="L/16", patch=16, dec_layers=24, batch_size=128, mle_steps=44600, mle_lr=1e-3, mle_warmup=4000,
                  mle_wd=1e-6, reward_steps=30000, reward_lr=1e-6, reward_warmup=4000, reward_wd=0.0, enc_lr_mult=0.1,
-                 samples=2, eval_images=5000, num_train=0, num_val=0)}
+                 samples=2, eval_images=5000, num_train=0, num_val=0, temperature=1.0)}
 TINY = dict(dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8, num_train=64, num_val=8,
             mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
 
@@ -74,7 +74,7 @@ p.add_argument("--samples", type=int, default=None, help="segmentations sampled 
 p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
-p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
+p.add_argument("--temperature", type=float, default=None, help="sampling temperature in the reward stage (preset)")
 p.add_argument("--min_segment", type=int, default=0, help="decoding: smaller segments (pixels) become void")
 p.add_argument("--reward", default="pq", choices=["pq"], help="reward to optimize (REWARDS)")
 p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
@@ -576,7 +576,7 @@ def main():
     if args.data == "coco" and not args.data_dir:
         raise UserError("--data coco needs --data_dir")
     for k in ["model", "patch", "dec_layers", "batch_size", "samples", "enc_lr_mult", "eval_images", "num_train",
-              "num_val"]:
+              "num_val", "temperature"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic":]  # COCO: --init_encoder
