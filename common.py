@@ -234,7 +234,7 @@ def load_timm_encoder(model, path):
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
         enc.load_state_dict(new)
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"{path}: not a ViT (timm or encoder.pt) matching --model ({str(e).splitlines()[0][:120]})")
+        raise UserError(f"{path}: not a ViT for this --model / image size ({str(e).strip().splitlines()[-1][:150]})")
 
 # -----------------------------------------------------------------------------
 # sampling: encoder once, cross-attention K/V once, self-attention KV cache
@@ -562,7 +562,7 @@ def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
         return print0(f"{path} exists: encoder stage skipped (--resume)")
     P, g, C, n = cfg["patch"], cfg["image_size"] // cfg["patch"], len(CATEGORIES) + 1, len(scenes)
     sem = torch.from_numpy(np.stack([np.select([s["panoptic"] == x["id"] for x in s["segments"]], [  # (N, S, S)
-        x["category_id"] for x in s["segments"]]) for s in scenes]))  # pixel classes, 0 = void
+        x["category_id"] for x in s["segments"]]).astype(np.uint8) for s in scenes]))  # pixel classes, 0 = void
     sem = sem.view(n, g, P, g, P).transpose(2, 3).reshape(n, g * g, P * P)  # token order: (N, T, P * P)
     imgs = torch.from_numpy(np.stack([s["image"] for s in scenes])).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
     raw = nn.Sequential(ViT(cfg), nn.Linear(cfg["width"], C * P * P)).to(device)  # (B, N, D) -> (B, N, C * P * P)
@@ -573,7 +573,7 @@ def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
         n, args.batch_size, args.seed, 0, args.steps, rank, world))
     for step, (x, y) in enumerate(tqdm(loader, disable=rank > 0, total=args.steps, desc="encoder")):
         set_lr(opt, step, args.lr, args.warmup, args.steps, "cosine")
-        x, y = (x.float() / 127.5 - 1).to(device), y.to(device)
+        x, y = (x.float() / 127.5 - 1).to(device), y.to(device).long()
         def loss():
             with autocast(device):
                 return F.cross_entropy(model(x).float().unflatten(-1, (C, P * P)).transpose(1, 2), y), {}

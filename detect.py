@@ -395,7 +395,7 @@ def train(args, stage):
             raw.decoder.tok.weight[COORD0:COORD0 + LEVELS + 1] = 0.03 * common.sincos(torch.arange(LEVELS + 1) / 4,
                                                                                      cfg["width"]).to(device)
         enc = args.init_encoder or os.path.join(args.out_dir, "detect", "encoder", "encoder.pt")
-        enc = enc if args.init_encoder or os.path.exists(enc) else ""
+        enc = enc if args.init_encoder or (os.path.exists(enc) and args.data == "synthetic") else ""
         if enc:
             common.load_timm_encoder(raw, enc)
         common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
@@ -532,7 +532,7 @@ def main():
               "eval_images", "num_train", "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic":]  # COCO: --init_encoder
+    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:

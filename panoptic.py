@@ -446,7 +446,7 @@ def train(args, stage):
     raw, model, opt, start, path, meta = common.stage_setup("panoptic", stage, args, cfg, meta, device, world, state)
     if not ck and start == 0:
         enc = args.init_encoder or os.path.join(args.out_dir, "panoptic", "encoder", "encoder.pt")
-        enc = enc if args.init_encoder or os.path.exists(enc) else ""
+        enc = enc if args.init_encoder or (os.path.exists(enc) and args.data == "synthetic") else ""
         if enc:
             common.load_timm_encoder(raw, enc)
         common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
@@ -579,7 +579,7 @@ def main():
               "num_val", "temperature"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic":]  # COCO: --init_encoder
+    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:

@@ -165,5 +165,9 @@ def test_encoder_stage_learns_every_pixel_and_feeds_the_lm(tmp_path):
     common.load_timm_encoder(lm, str(tmp_path / "t" / "encoder" / "encoder.pt"))
     for k, v in net[0].state_dict().items():
         assert torch.equal(lm.encoder.state_dict()[k], v), k
-    args.resume = True
-    assert common.pretrain_encoder(args, "t", cfg, scenes, "cpu", 0, 1) is None  # done: skipped
+    other = common.model_config("tiny", 64, 10, 8, bos=9, dec_layers=1, patch=8)  # another image size: 8 x 8 patches
+    with pytest.raises(common.UserError, match="encoder.pt: not a ViT for this --model / image size .*pos"):
+        common.load_timm_encoder(common.EncoderDecoder(other), str(tmp_path / "t" / "encoder" / "encoder.pt"))
+    args.resume, before = True, os.path.getmtime(tmp_path / "t" / "encoder" / "encoder.pt")
+    assert common.pretrain_encoder(args, "t", cfg, scenes, "cpu", 0, 1) is None  # done: skipped, file untouched
+    assert os.path.getmtime(tmp_path / "t" / "encoder" / "encoder.pt") == before
