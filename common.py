@@ -44,8 +44,8 @@ def ddp_setup():
         device = f"cuda:{local}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(device)
-        if not dist.is_initialized():  # --stage all: one group for every stage
-            dist.init_process_group("nccl" if cuda else "gloo")
+        if not dist.is_initialized():  # one group for all stages; 1 h: others wait while rank 0 evals (NCCL: 10 min)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=2 * dist.default_pg_timeout)
     else:
         rank, world, device = 0, 1, "cuda" if cuda else "cpu"
     if not cuda and world > 1:  # CPU processes on one machine share its cores
