@@ -167,8 +167,8 @@ def make_captions(scene):
 
 
 def load_synthetic(split, n, size, seed):
-    world = common.SyntheticWorld(split, n, size, seed)
-    return [dict(id=i, image=s["image"], refs=make_captions(s)) for i, s in enumerate(world.scenes)]
+    scenes = common.synthetic_world(split, n, size, seed)
+    return [dict(id=i, image=s["image"], refs=make_captions(s)) for i, s in enumerate(scenes)]
 
 
 def load_coco(args, split):

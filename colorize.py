@@ -151,7 +151,7 @@ def recolour_stuff(scene, rng, muted=0.7, keep_chroma=0.15):
 
 def load_synthetic(split, n, size, seed):
     """The shared synthetic world with photo-like backgrounds (recolour_stuff, seeded per scene)."""
-    scenes = common.SyntheticWorld(split, n, size, seed).scenes
+    scenes = common.synthetic_world(split, n, size, seed)
     return [dict(id=i, image=recolour_stuff(s, np.random.default_rng([seed, 7, len(split), i])))  # 5: train, 3: val
             for i, s in enumerate(scenes)]
 

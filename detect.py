@@ -137,10 +137,10 @@ def grammar(max_boxes, num_classes, conf=(1, 2)):
 
 
 def load_synthetic(split, n, size, seed, **scene):
-    world = common.SyntheticWorld(split, n, size, seed, **scene)
+    scenes = common.synthetic_world(split, n, size, seed, **scene)
     items, gt = [], dict(images=[], annotations=[], categories=[dict(id=i + 1, name=c) for i, c in
                                                                  enumerate(common.THINGS)])
-    for i, s in enumerate(world.scenes):
+    for i, s in enumerate(scenes):
         b = np.array([t["box"] for t in s["things"]], np.float32).reshape(-1, 4)
         items.append(dict(id=i, image=s["image"], w=size, h=size, labels=[t["label"] for t in s["things"]],
                           boxes=b[:, [1, 0, 3, 2]] / size))
@@ -197,7 +197,8 @@ class Boxes(torch.utils.data.Dataset):
 
 
 def scene_flags(args):
-    return {k: v for k, v in [("max_things", args.max_things), ("radius", args.radius)] if v is not None}
+    return {k: v for k, v in [("max_things", args.max_things), ("radius", args.radius and tuple(args.radius))]
+            if v is not None}
 
 
 def load_data(args):
@@ -370,7 +371,7 @@ def pretrain_encoder(args):
         raise UserError("--stage encoder trains on the synthetic world; on COCO pass --init_encoder (a timm ViT)")
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
-    scenes = common.SyntheticWorld("train", args.num_train, args.image_size, args.seed, **scene_flags(args)).scenes
+    scenes = common.synthetic_world("train", args.num_train, args.image_size, args.seed, **scene_flags(args))
     cfg = common.model_config(args.model, args.image_size, 1, 1, 0, 0, args.patch)  # only its ViT part is used
     common.pretrain_encoder(args, "detect", cfg, scenes, device, rank, world)
 

@@ -127,9 +127,9 @@ def load_coco(args, split):
 
 
 def load_data(args):
-    """(train items, held-out items, categories); a synthetic item is a scene of common.SyntheticWorld."""
+    """(train items, held-out items, categories); a synthetic item is a scene of common.synthetic_world."""
     if args.data == "synthetic":
-        return [common.SyntheticWorld(split, n, args.image_size, args.seed).scenes
+        return [common.synthetic_world(split, n, args.image_size, args.seed)
                 for split, n in [("train", args.num_train), ("val", args.num_val)]] + [common.CATEGORIES]
     return (*load_coco(args, args.train_split)[:1], *load_coco(args, args.val_split))
 

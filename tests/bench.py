@@ -120,7 +120,7 @@ vq = {k: v for k, v in vqvae.PRESETS["synthetic/panoptic"].items() if k in (  # 
     "image_size", "patch", "width", "depth", "heads", "codebook", "code_dim", "instances", "local", "pixel")}
 C = len(common.CATEGORIES) + 1
 oracle = vqvae.VQVAE(dict(vq, out_chans=C + 16, classes=C)).eval().requires_grad_(False)
-ds = panoptic.Scenes(common.SyntheticWorld("val", B, 64, 0).scenes, common.CATEGORIES, 16, 64)
+ds = panoptic.Scenes(common.synthetic_world("val", B, 64, 0), common.CATEGORIES, 16, 64)
 idx, imgs, target, _, _, gt, gt_cat, gt_crowd = torch.utils.data.default_collate([ds[i] for i in range(B)])
 m = common.EncoderDecoder(common.model_config("tiny", 64, vq["codebook"] + 1, 256, 0, 3, 8))
 opt = torch.optim.AdamW(m.parameters(), 1e-4)

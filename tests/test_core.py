@@ -142,11 +142,22 @@ def test_timm_encoder_weights_land(tmp_path):
         common.load_timm_encoder(m, str(tmp_path / "vit.pth"))
 
 
+def test_synthetic_world_is_made_once_per_process_and_only_from_its_seed():
+    a = common.synthetic_world("val", 6, 32, 5)
+    assert common.synthetic_world("val", 6, 32, 5) is a  # the stages of --stage all share one copy
+    common.synthetic_world.cache_clear()
+    np.random.seed(1), torch.manual_seed(1)  # global RNG state must not matter
+    b = common.synthetic_world("val", 6, 32, 5)
+    assert b is not a and all(np.array_equal(x["image"], y["image"]) and np.array_equal(x["panoptic"], y["panoptic"])
+                              for x, y in zip(a, b))
+    assert not np.array_equal(common.synthetic_world("train", 6, 32, 5)[0]["image"], a[0]["image"])  # splits differ
+
+
 def test_encoder_stage_learns_every_pixel_and_feeds_the_lm(tmp_path):
     """--stage encoder overfits 8 scenes to >= 95% pixel accuracy, read out in the layout written here (token
     gy * g + gx predicts pixel (gy * P + py, gx * P + px) at py * P + px of each class's chunk), so a wrong
     token order would fail; its encoder.pt then fills an LM's encoder exactly; --resume skips a finished stage."""
-    scenes = common.SyntheticWorld("train", 8, 32, 0).scenes
+    scenes = common.synthetic_world("train", 8, 32, 0)
     args = argparse.Namespace(out_dir=str(tmp_path), resume=False, lr=3e-3, wd=0.0, warmup=10, steps=300,
                               batch_size=8, seed=0, clip=1.0, log_every=100)
     cfg = common.model_config("tiny", 32, 10, 8, bos=9, dec_layers=1, patch=8)
