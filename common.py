@@ -427,8 +427,8 @@ def train_step(model, opt, args, micro_losses, world):
     opt.step()
     opt.zero_grad(set_to_none=True)
     keys = sorted(stats)
-    vals = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    if dist.is_initialized():  # mean over ranks: every rank must get here
+    vals = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(model.parameters()).device)
+    if dist.is_initialized():  # mean over ranks (on the model's device: NCCL reduces no CPU tensor); every rank
         dist.all_reduce(vals)
         vals /= dist.get_world_size()
     if not torch.isfinite(vals).all():

@@ -266,7 +266,7 @@ def reward_map(pred, batch, dup_weight=0.3):
     Their code keys thresholds by one decimal, which silently re-weights them; we use the uniform
     mean they meant. aux['match_iou'] (B, K, P) at IoU 0.5 is the confidence target."""
     r, aux = 0.0, {}
-    for thr in torch.linspace(0.5, 0.95, 10).tolist():
+    for thr in np.linspace(0.5, 0.95, 10).round(2).tolist():  # exact 0.65 (float32 linspace: 0.6499999762)
         m, d, iou = match(pred, batch, thr, batch["class_weights"])
         r = r + (m - dup_weight * d) / 10
         if thr == 0.5:

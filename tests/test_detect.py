@@ -61,6 +61,9 @@ def test_iou_exactly_at_threshold_is_not_a_match():
     assert rewards([([iou57], [0])], b) == (pytest.approx(0.2), pytest.approx(1.0))
     iou55 = [0.0, 0.0, 0.4, 0.22]  # IoU 0.55 exactly: passes 0.50 only
     assert rewards([([iou55], [0])], b) == (pytest.approx(0.1), pytest.approx(1.0))
+    for k in range(10):  # IoU exactly 0.50, 0.55, ..., 0.95 (width 200 + 20 k of 400 levels): passes k thresholds
+        tie = [0.0, 0.0, 0.4, (200 + 20 * k) / 1000]
+        assert rewards([([tie], [0])], b)[0] == pytest.approx(k / 10), k
 
 
 def test_padding_and_no_ground_truth():
