@@ -438,7 +438,7 @@ def train(args, stage):
     if stage == "reward":  # df of the reward: the training references' tokens, EOS included
         refs = [[encode(tokenize(x), stoi, meta["max_len"]).tolist() for x in it["refs"]] for it in tr.items]
         cider = CiderD([[t[:t.index(EOS) + 1] for t in r] for r in refs], V)
-    log = common.Logger(os.path.dirname(path), master, resume=start > 0)
+    log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
                   f"images, {V} tokens, steps {start}->{args.steps}, global batch {args.batch_size} on {world} "
                   f"process(es)")
@@ -521,7 +521,7 @@ def evaluate(args):
     os.makedirs(out, exist_ok=True)
     rows, preds = {}, {}
     for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name])
+        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)
         m, res = evaluate_model(model, va, ck["meta"], device, args.eval_images)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res

@@ -311,7 +311,7 @@ def train(args, stage):
     if not ck and start == 0 and args.init_encoder:
         common.load_timm_encoder(raw, args.init_encoder)
     allowed = vqvae.allowed_tokens(V - 1, device)
-    log = common.Logger(os.path.dirname(path), master, resume=start > 0)
+    log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
                   f"images, {V - 1} codes, steps {start}->{args.steps}, global batch {args.batch_size} on {world} "
                   f"process(es)")
@@ -382,7 +382,7 @@ def evaluate(args):
     n = min(args.eval_images, len(va))
     imgs, steps = {}, {}
     for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name])
+        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)
         imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.seed)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         steps[name] = f"{prior}+{ck['step']}" if prior else str(ck["step"])

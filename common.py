@@ -1,7 +1,6 @@
-"""Shared core of rewardtune: what every task script needs, and nothing more. Sections: errors, DDP, device |
-logging | ViT encoder, decoder with cross-attention | sampling with a KV cache | MLE and REINFORCE losses |
-optimizer + LR schedule | checkpoints | data order | the synthetic world | picture grids. The method (paper
-Algorithms 1 and 2) is `mle_loss` and `reinforce_loss`; task scripts read top to bottom and call into this file."""
+"""Shared core of rewardtune: what every task script needs, nothing more. Sections: errors, DDP, device | logging
+| ViT encoder, decoder with cross-attention | sampling with a KV cache | MLE and REINFORCE losses | optimizer, LR
+schedule | checkpoints | data order | synthetic world | picture grids. Algorithms 1 and 2: mle_loss, reinforce_loss."""
 import functools
 import json
 import math
@@ -75,12 +74,13 @@ def replica_checksums(model):
 # -----------------------------------------------------------------------------
 # logging: one readable line per --log_every on rank 0, and every line in log.jsonl
 class Logger:
-    def __init__(self, out_dir, master, resume=False):
+    def __init__(self, out_dir, master, resume=0):
         self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
-        if master:
+        if master:  # resumed at step `resume`: keep the records up to it, drop those of the lost steps after it
             os.makedirs(out_dir, exist_ok=True)
-            if not resume and os.path.exists(self.path):
-                os.remove(self.path)
+            old = open(self.path).readlines() if resume and os.path.exists(self.path) else []
+            with open(self.path, "w") as f:
+                f.writelines(r for r in old if r.endswith("\n") and json.loads(r)["step"] <= resume)
 
     def __call__(self, step, quiet=False, **metrics):
         if not self.master:
@@ -99,7 +99,6 @@ def print0(*a, **k):
 
 # -----------------------------------------------------------------------------
 # models: ViT encoder (pre-LN), autoregressive decoder with cross-attention
-
 # name -> (width, encoder depth, heads); the decoder depth is --dec_layers (6 in the paper)
 SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -203,18 +202,16 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images, tokens, allowed=None):
         """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image ->
-        logits (B*R, L, V) for predicting tokens[:, t] from BOS + tokens[:, :t]."""
+        logits (B*R, L, V) predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): grammar, as in sample."""
         inp = torch.cat([torch.full_like(tokens[:, :1], self.cfg["bos"]), tokens[:, :-1]], 1)
         logits = self.decoder(inp, self.memory_kv(images, tokens.shape[0] // images.shape[0]))
-        if allowed is not None:  # allowed (L, V): the task's token grammar, same as at sampling time
-            logits = logits.masked_fill(~allowed[: tokens.shape[1]], float("-inf"))
-        return logits
+        return logits if allowed is None else logits.masked_fill(~allowed[: tokens.shape[1]], float("-inf"))
 
 def load_timm_encoder(model, path):
     """--init_encoder: a local ViT checkpoint in timm's key naming (patch_embed, blocks.i.attn.qkv, ...)."""
-    sd = torch_load(path)
-    sd, enc = sd.get("model", sd.get("state_dict", sd)), model.encoder
+    sd, enc = torch_load(path), model.encoder
     try:
+        sd = sd.get("model", sd.get("state_dict", sd))  # not a dict: AttributeError, reported below
         if "encoder" in sd:  # --stage encoder's encoder.pt: our own key names
             return enc.load_state_dict(sd["encoder"])
         new = {"patch.weight": sd["patch_embed.proj.weight"], "patch.bias": sd["patch_embed.proj.bias"]}
@@ -234,7 +231,7 @@ def load_timm_encoder(model, path):
                 new[p + "attn.q." + s], new[p + "attn.kv." + s] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
         enc.load_state_dict(new)
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, AttributeError) as e:
         raise UserError(f"{path}: not a ViT for this --model / image size ({str(e).strip().splitlines()[-1][:150]})")
 
 # -----------------------------------------------------------------------------
@@ -261,8 +258,7 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
         # without the cache: full recompute of the prefix, the slow reference the cache is tested against
         inp, pos = (tokens[:, t:t + 1], t) if use_cache else (tokens[:, :t + 1], 0)
         logits = model.decoder(inp, kv, caches, pos=pos)[:, -1].float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed[t], float("-inf"))
+        logits = logits if allowed is None else logits.masked_fill(~allowed[t], float("-inf"))
         logp = logits.log_softmax(-1)  # (N, V)
         if temperature == 0:
             tok = logits.argmax(-1)
@@ -270,9 +266,9 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
             probs = (logits / temperature).softmax(-1)
             if top_k > 0:
                 probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
-            if top_p < 1.0:  # nucleus: keep the smallest top set with mass >= top_p
+            if top_p < 1.0:  # nucleus: the smallest top set with mass >= top_p of what top-k left
                 sp, si = probs.sort(-1, descending=True)
-                probs = probs.scatter(-1, si, sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0))
+                probs = probs.scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp >= top_p * sp.sum(-1, keepdim=True), 0))
             cdf = probs.cumsum(-1)
             u = (noise[:, :, t].reshape(N).to(dev) if noise is not None else torch.rand(N, device=dev))
             tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
@@ -312,9 +308,7 @@ def baseline(r, kind):
         return torch.zeros_like(r)
     if r.shape[1] < 2:
         raise UserError(f"--baseline {kind} needs --samples >= 2")
-    if kind == "independent":
-        return r.roll(-1, dims=1)
-    return (r.sum(1, keepdim=True) - r) / (r.shape[1] - 1)
+    return r.roll(-1, dims=1) if kind == "independent" else (r.sum(1, keepdim=True) - r) / (r.shape[1] - 1)
 
 def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="first", allowed=None):
     """REINFORCE with a baseline: loss = -mean_i (r_i - b_i) * sum_t mask_it log p(y_it | x_i, y_i<t) / L,
@@ -342,11 +336,8 @@ def make_optimizer(model, name, lr, wd, enc_lr_mult):
         enc, decay = n.startswith("encoder."), p.ndim >= 2 and not n.endswith(("pos", "tok.weight"))
         groups.setdefault((enc, decay), {"params": [], "lr_mult": enc_lr_mult if enc else 1.0,
                                          "weight_decay": wd if decay else 0.0})["params"].append(p)
-    if name == "adamw":
-        return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.95))
-    if name == "adafactor":
-        return torch.optim.Adafactor(list(groups.values()), lr=lr)
-    raise UserError(f"--optimizer {name}: choose adamw or adafactor")
+    return (torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.95)) if name == "adamw" else
+            torch.optim.Adafactor(list(groups.values()), lr=lr))  # name: one of argparse's choices
 
 def set_lr(opt, step, base, warmup, total, schedule):
     """Linear warmup, then constant (reward tuning) or cosine to zero (MLE); each group at base x lr_mult."""
@@ -379,7 +370,9 @@ def load_ckpt(path, task):
         raise UserError(f"{path}: a checkpoint of task '{ck.get('task')}', not '{task}'")
     return ck
 
-def build_model(cfg, device, state=None, path="checkpoint"):
+def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
+    if image_size and cfg["image_size"] != image_size:  # else a shape error deep in the position embedding
+        raise UserError(f"{path}: a model of {cfg['image_size']} px images, this run has {image_size} (--tiny?)")
     model = EncoderDecoder(cfg)
     if state is not None:
         try:
@@ -392,12 +385,14 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
     eval and saving; the wrapped one for the forward with grad."""
     path = os.path.join(args.out_dir, task, stage, "ckpt.pt")
-    start, opt_state = 0, None
+    start, opt_state, b = 0, None, args.batch_size // world
+    if args.micro_batch and b % args.micro_batch:  # unequal parts would weigh their examples unequally
+        raise UserError(f"--micro_batch {args.micro_batch} does not divide the per-process batch {b}")
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
         init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
         print0(f"resuming {path} at step {start}")
-    raw = build_model(cfg, device, init_state)
+    raw = build_model(cfg, device, init_state, path if start else args.init or f"{stage}'s start", args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -458,13 +453,18 @@ class StepSampler:
             yield step_indices(*self.args, step)[self.slice].tolist()
 
 def readable(items, what):
-    """Real data: drop items whose image file does not decode, with a count (not fatal in a large dataset)."""
-    def decodes(it):
+    """Real data: drop items whose image files ("file", "png") do not decode, with a count (not fatal in big data)."""
+    def decodes(f):
         try:
-            return "file" not in it or Image.open(it["file"]).verify() is None
+            with Image.open(f) as im:
+                if im.format != "JPEG":
+                    return im.verify() is None  # PNG: checks every chunk's CRC
+                im.draft("RGB", (1, 1))  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
+                im.load()
+            return True
         except Exception:
             return False
-    ok = [it for it in items if decodes(it)]
+    ok = [it for it in items if all(decodes(it[k]) for k in ("file", "png") if k in it)]
     if len(ok) < len(items):
         print0(f"warning: {what}: skipped {len(items) - len(ok)} unreadable images of {len(items)}")
     if not ok:

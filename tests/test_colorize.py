@@ -103,6 +103,8 @@ def write_folder(root):
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / f"x{i}.png")
     (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    for name in ["a.jpg", "x0.png"]:  # cut in half: headers fine, pixel data missing (JPEG passes PIL's verify())
+        (root / f"cut_{name}").write_bytes((root / name).read_bytes()[:(root / name).stat().st_size // 2])
     (root / "notes.txt").write_text("not an image")
 
 
@@ -110,9 +112,10 @@ def test_folder_loads_recursively_skips_corrupt_files(tmp_path, capsys):
     write_folder(tmp_path)
     args = argparse.Namespace(data="folder", data_dir=str(tmp_path), num_val=100)
     tr, va = colorize.load_data(args)
-    assert "skipped 1 unreadable images of 12" in capsys.readouterr().out
+    assert "skipped 3 unreadable images of 14" in capsys.readouterr().out
     names = sorted(it["id"] for it in tr + va)
-    assert len(names) == 11 and "broken.jpg" not in names and os.path.join("sub", "gray.png") in names
+    assert len(names) == 11 and os.path.join("sub", "gray.png") in names
+    assert not {"broken.jpg", "cut_a.jpg", "cut_x0.png"} & set(names)
     assert len(va) == 1 and not set(it["id"] for it in va) & set(it["id"] for it in tr)  # 10% held out
     ds = colorize.Photos(tr + va, 16)
     for i in range(len(ds)):
@@ -152,4 +155,4 @@ def test_oracle_trains_on_a_folder_of_photos(tmp_path):
     p = run("vqvae.py", "--task", "colorize", "--tiny", "--data", "folder", "--data_dir", str(tmp_path / "photos"),
             "--out_dir", str(tmp_path / "out"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "skipped 1 unreadable images of 12" in p.stdout and "oracle on 1 held-out images" in p.stdout
+    assert "skipped 3 unreadable images of 14" in p.stdout and "oracle on 1 held-out images" in p.stdout

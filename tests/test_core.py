@@ -1,6 +1,7 @@
 """common.py: sampling with the KV cache, the REINFORCE estimator, baselines, checkpoints, the encoder stage.
 Run: python -m pytest -q tests/test_core.py"""
 import argparse
+import json
 import os
 
 import numpy as np
@@ -182,3 +183,16 @@ def test_encoder_stage_learns_every_pixel_and_feeds_the_lm(tmp_path):
     args.resume, before = True, os.path.getmtime(tmp_path / "t" / "encoder" / "encoder.pt")
     assert common.pretrain_encoder(args, "t", cfg, scenes, "cpu", 0, 1) is None  # done: skipped, file untouched
     assert os.path.getmtime(tmp_path / "t" / "encoder" / "encoder.pt") == before
+
+
+def test_logger_on_resume_keeps_the_records_up_to_the_checkpoint(tmp_path):
+    log = common.Logger(tmp_path, True)
+    for step in range(1, 6):
+        log(step, quiet=True, loss=float(step))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    common.Logger(tmp_path, True, resume=3)  # the checkpoint was at step 3: steps 4-6 are run again
+    assert [json.loads(r)["step"] for r in open(tmp_path / "log.jsonl")] == [1, 2, 3]
+    common.Logger(tmp_path, True)  # a fresh run starts a fresh log
+    assert open(tmp_path / "log.jsonl").read() == ""
+

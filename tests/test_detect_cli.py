@@ -74,6 +74,17 @@ def test_wrong_checkpoint_is_one_line_exit_2(tmp_path):
     assert p.returncode == 2 and "junk.pt" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_checkpoint_of_other_flags_or_batch_split_is_one_line_exit_2(tiny, tmp_path):
+    small = ["--num_train", 8, "--num_val", 8]  # the preset's image size (64), not --tiny's (32)
+    p = run("--stage", "eval", "--out_dir", tiny[0], *small, ok=False)
+    assert p.returncode == 2 and "image_size 32 (this run: 64)" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    init = tiny[0] / "detect" / "mle" / "ckpt.pt"
+    p = run("--stage", "reward", "--init", init, "--out_dir", tmp_path, *small, "--max_boxes", 9, ok=False)
+    assert p.returncode == 2 and "seq_len 48 (this run: 54)" in p.stderr and "Traceback" not in p.stderr
+    p = run("--tiny", "--stage", "reward", "--init", init, "--out_dir", tmp_path, "--micro_batch", 3, ok=False)
+    assert p.returncode == 2 and "--micro_batch 3 does not divide the per-process batch 8" in p.stderr
+
+
 def test_coco_fixture_trains_and_evaluates(tmp_path):
     for split in ["train", "val"]:
         write_coco(tmp_path / "coco", split)
