@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -135,7 +134,7 @@ def load_data(args):
 
 
 class Scenes(torch.utils.data.Dataset):
-    """Items -> (index, image (3, S, S) in [-1, 1], oracle target: one-hot classes + instance slots (C + I, S, S),
+    """Items -> (index, image (3, S, S) in [-1, 1], oracle target: class and slot ids (2, S, S) (one-hot in vqvae),
     semantics, instances (S, S); reward's ground truth: segment index (S, S) 0..G, class per index (-1 none),
     crowd). Class k = the k-th category (0 void); crowd is void in the oracle's target; COCO is resized to S."""
 
@@ -163,7 +162,7 @@ class Scenes(torch.utils.data.Dataset):
         segs, G = [dict(x, category_id=self.index[x["category_id"]]) for x in s["segments"]], MAX_SEGMENTS + 1
         sem, inst = (torch.from_numpy(a) for a in vqvae.canonical(s["panoptic"], [x for x in segs if not x["iscrowd"]]))
         inst = inst.clamp(max=self.I - 1)  # more segments than slots: the last slot is shared
-        target = torch.cat([F.one_hot(sem, self.C), F.one_hot(inst, self.I)], -1).permute(2, 0, 1).float()
+        target = torch.stack([sem, inst])  # not one-hot here: (C + I) x S x S floats are 245 MB per COCO image
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1
         idx, cat, crowd = np.zeros(s["panoptic"].shape, np.int64), np.full(G, -1), np.zeros(G, bool)
         for j, x in enumerate(segs[:MAX_SEGMENTS]):
@@ -451,7 +450,7 @@ def train(args, stage):
             common.load_timm_encoder(raw, enc)
         common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
     allowed = vqvae.allowed_tokens(V - 1, device)
-    log = common.Logger(os.path.dirname(path), master, resume=start > 0)
+    log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train images, "
                   f"{V - 1} codes, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
@@ -540,8 +539,8 @@ def evaluate(args):
                                         for i, it in zip(image_ids, items)], va.categories)
     preds, rows = {"oracle": predict(None, oracle, va, device, n, args.min_segment)}, {}
     for name, ck in cks.items():
-        preds[name] = predict(common.build_model(ck["config"], device, ck["model"], paths[name]), oracle, va, device,
-                              n, args.min_segment)
+        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)  # oracle's size
+        preds[name] = predict(model, oracle, va, device, n, args.min_segment)
     for name, pr in preds.items():
         pj = os.path.join(out, f"pred_{name}.json")
         full = [sg if "size" not in it else  # back to the original resolution

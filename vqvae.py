@@ -95,8 +95,6 @@ p.add_argument("--tiny", action="store_true", help="tiny model, data and steps (
 
 # -----------------------------------------------------------------------------
 # panoptic output <-> (semantics, instances) maps
-
-
 def canonical(seg, segments):
     """Panoptic map (H, W) of segment ids + [{id, category_id: class}] -> semantics (H, W) = class (0 void),
     instances (H, W) = 1..N in raster order of each segment's centre of mass (y-major), 0 void."""
@@ -128,8 +126,6 @@ def to_panoptic(sem_logits, inst_logits):
 
 # -----------------------------------------------------------------------------
 # the model: ViT encoder -> 16 x 16 cosine VQ (EMA codebook) -> ViT decoder, image context on both sides
-
-
 class VQVAE(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -157,7 +153,7 @@ class VQVAE(nn.Module):
         # the codebook is state, not trained by gradients: running sums and counts (EMA)
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
-        self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank
+        self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank, checkpointed
 
     def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); g <= 16: each code its own vector
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.g, self.g)
@@ -172,7 +168,11 @@ class VQVAE(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
     def encode_z(self, target, image):  # -> standardized pre-quantized vectors (B, 256, code_dim)
-        x = self.embed(target).flatten(2).transpose(1, 2) + self.enc_ctx(image).flatten(2).transpose(1, 2)
+        if not target.is_floating_point():  # panoptic ids (B, 2, H, W) -> one-hot classes + slots (B, C + I, H, W),
+            sizes = (self.c["classes"], self.c["instances"])  # made here, on the device: 245 MB per COCO image
+            target = torch.cat([F.one_hot(t, n) for t, n in zip(target.unbind(1), sizes)], -1)
+            target = target.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the dataset's used to be
+        x = self.embed(target.float()).flatten(2).transpose(1, 2) + self.enc_ctx(image).flatten(2).transpose(1, 2)
         x = x if self.local else x + self.enc_pos
         for b in self.enc:
             x = x + b(x) if self.local else b(x)
@@ -198,16 +198,15 @@ class VQVAE(nn.Module):
             y = y + torch.einsum("bijhyx,bijch->bijcyx", f, m)
         return y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
 
-    def forward(self, target, image, drop_gen=None):
+    def forward(self, target, image, drop=None):
         """Training pass: straight-through quantization, EMA codebook update, code dropout."""
         z = self.encode_z(target, image)
         codes = self.quantize(z)
         q = z + (self.codewords()[codes] - z).detach()  # forward: the unit codeword; backward: to z
         if self.training:
             self.ema_update(z.detach(), codes)
-            if drop_gen is not None:  # UViM code dropout: keep (1 - u) of the 256 codes, u ~ U(0, 1)
-                u = torch.rand(z.shape[0], 1, generator=drop_gen).to(z.device)
-                keep = torch.rand(z.shape[0], z.shape[1], generator=drop_gen).to(z.device) >= u
+            if drop is not None:  # UViM code dropout: keep (1 - u) of the 256 codes; drop: u (B, 1), U(0, 1) (B, 256)
+                keep = drop[1].to(z.device) >= drop[0].to(z.device)
                 q = q * keep[..., None]
         return self.decode_codes(q, image), codes
 
@@ -238,7 +237,7 @@ def allowed_tokens(codebook, device):
 
 
 def encode(model, target, image):
-    """Frozen oracle: task output (one-hot, (B, C, H, W)) + image -> codes (B, 256)."""
+    """Frozen oracle: task output (colours (B, 3, H, W) or panoptic ids (B, 2, H, W)) + image -> codes (B, 256)."""
     with torch.no_grad():
         return model.quantize(model.encode_z(target, image))
 
@@ -251,11 +250,9 @@ def decode(model, codes, image):
 
 # -----------------------------------------------------------------------------
 # data
-
-
 def datasets(args):
     """(train, held-out) of (index, context (3, S, S) in [-1, 1], target (out_chans, S, S), ...), out_chans, categories.
-    panoptic.Scenes: image, one-hot classes + slots, semantics, instances; colorize.Photos: gray image, colours."""
+    panoptic.Scenes: image, class and slot ids (2, S, S), semantics, instances; colorize.Photos: gray image, colours."""
     if args.task == "colorize":
         import colorize  # here, not at the top: colorize.py imports this file
         tr, va = colorize.load_data(args)
@@ -285,8 +282,6 @@ def load(path, task, device):
 
 # -----------------------------------------------------------------------------
 # the oracle's own quality: PQ of its reconstructions (panoptic.pq_image / pq_average, as pq_compute)
-
-
 @torch.no_grad()
 def report_colorize(model, ds, n, device):
     """PSNR (dynamic range 2, UViM's evaluator) of the reconstructions, their colorfulness against the truth's."""
@@ -321,8 +316,6 @@ def report_panoptic(model, ds, n, device):
 
 # -----------------------------------------------------------------------------
 # training
-
-
 def train(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -339,13 +332,17 @@ def train(args):
     opt = common.make_optimizer(raw, args.optimizer, args.lr, args.wd, 1.0)
     if args.resume and os.path.exists(path):
         ck = common.load_ckpt(path, f"vqvae_{args.task}")
+        if ck["config"] != cfg:  # else a shape error (or, silently, other settings) below
+            raise UserError(f"{path}: made with other flags: {[k for k in cfg if ck['config'].get(k) != cfg[k]]}")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]
+        if "restart_gen" in ck:  # checkpoints before it was saved resume with a restarted noise stream
+            raw.gen.set_state(ck["restart_gen"])
     model = torch.compile(raw) if args.compile else raw
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    log = common.Logger(out, rank == 0, resume=start > 0)
+    log = common.Logger(out, rank == 0, resume=start)
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
     t0 = time.time()
@@ -353,17 +350,20 @@ def train(args):
                                                            total=args.steps, desc="vqvae"), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "cosine")
         ctx, target, extra = ctx.to(device), target.to(device), [e.to(device) for e in extra]
-        gen = torch.Generator().manual_seed(args.seed * 7919 + step) if args.code_dropout else None
+        drop, b = None, len(idx)
+        if args.code_dropout:  # the global batch's draws, this rank's rows: N processes drop as 1 process does
+            g = torch.Generator().manual_seed(args.seed * 7919 + step)
+            drop = [torch.rand(b * world, n, generator=g)[rank * b:(rank + 1) * b] for n in (1, 256)]
 
         def micro():
-            logits, codes = model(target, ctx, gen)
+            logits, codes = model(target, ctx, drop)
             return loss_fn(args.task, logits, target, extra, C), dict(used=codes.unique().numel())
         stats = common.train_step(model, opt, args, [micro], world)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log(step + 1, lr=opt.param_groups[0]["lr"], s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
             common.save_ckpt(path, task=f"vqvae_{args.task}", model=raw.state_dict(), optimizer=opt.state_dict(),
-                             step=step + 1, config=cfg, args=vars(args))
+                             step=step + 1, config=cfg, args=vars(args), restart_gen=raw.gen.get_state())
     if rank == 0:
         n = min(args.eval_images, len(va))
         if args.task == "panoptic":

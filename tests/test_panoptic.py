@@ -256,7 +256,7 @@ def test_scenes_map_category_ids_to_classes_and_crowd_to_void(tmp_path):
     items, cats = panoptic.load_coco(argparse.Namespace(data_dir=str(tmp_path)), "val")
     ds = panoptic.Scenes(items, cats, 8, 45)  # resize to 45 x 45
     i, img, target, sem, inst, gt, gt_cat, crowd = ds[0]
-    assert img.shape == (3, 45, 45) and target.shape == (5 + 8, 45, 45)
+    assert img.shape == (3, 45, 45) and torch.equal(target, torch.stack([sem, inst]))
     assert set(sem.unique().tolist()) == {0, 1, 2, 3, 4}  # void, cat 3 -> 1, dog 17 -> 2, wall -> 3, sky -> 4
     assert sem[0, 0] == 0 and sem[44, 0] == 0  # the void pixel, the crowd region: void in the oracle's target
     assert gt_cat[:6].tolist() == [-1, 4, 3, 1, 2, 2] and crowd[:6].tolist() == [False] * 5 + [True]

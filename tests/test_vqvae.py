@@ -49,6 +49,9 @@ def test_quantization_is_cosine_nearest_and_straight_through():
     assert logits.shape == (2, 7, 32, 32) and codes.shape == (2, 256)
     assert torch.equal(vqvae.encode(m, target, img), codes)  # encode = the codes the training pass used
     torch.testing.assert_close(vqvae.decode(m, codes, img), logits)  # decode(codes) = the reconstruction
+    ids = torch.stack([torch.randint(0, 4, (2, 32, 32)), torch.randint(0, 3, (2, 32, 32))], 1)  # panoptic's form
+    onehot = torch.cat([torch.nn.functional.one_hot(ids[:, 0], 4), torch.nn.functional.one_hot(ids[:, 1], 3)], -1)
+    torch.testing.assert_close(m.encode_z(ids, img), m.encode_z(onehot.permute(0, 3, 1, 2).float(), img))
     m.train()
     logits, _ = m(target, img)
     logits.sum().backward()
