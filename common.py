@@ -105,8 +105,8 @@ SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024,
 def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, in_chans=3):
     """'B/16' -> a plain dict (it goes into checkpoints as is); 'tiny' takes patch from the preset."""
     name, _, p = model.partition("/")
-    if name not in SIZES:
-        raise UserError(f"--model {model}: unknown size, choose from {', '.join(SIZES)} (e.g. B/16)")
+    if name not in SIZES or p and not (p.isdigit() and int(p) > 0):
+        raise UserError(f"--model {model}: unknown size, choose from {', '.join(SIZES)} (e.g. B/16: patch 16)")
     (width, depth, heads), patch = SIZES[name], int(p) if p else patch
     if image_size % patch:
         raise UserError(f"--image_size {image_size} is not a multiple of the patch size {patch}")

@@ -196,3 +196,10 @@ def test_logger_on_resume_keeps_the_records_up_to_the_checkpoint(tmp_path):
     common.Logger(tmp_path, True)  # a fresh run starts a fresh log
     assert open(tmp_path / "log.jsonl").read() == ""
 
+
+
+@pytest.mark.parametrize("bad", ["B/x", "B/0", "Q/16", "b/16"])
+def test_model_name_errors_are_user_errors(bad):
+    with pytest.raises(common.UserError, match="unknown size"):
+        common.model_config(bad, 224, 10, 5, 0, 2)
+    assert common.model_config("B/16", 224, 10, 5, 0, 2)["patch"] == 16
