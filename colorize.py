@@ -299,15 +299,15 @@ def train(args, stage):
     ck = common.load_ckpt(init, "colorize") if init else None
     rank, world, device, oracle, oracle_path, tr, va = setup(args)
     V, L, master = oracle.c["codebook"] + 1, 256, rank == 0
-    meta = dict(oracle=oracle_path, reward=args.reward)
+    meta = dict(oracle=oracle_path, oracle_id=oracle.fingerprint, reward=args.reward)
     if ck:  # prior: training steps behind the starting point
         meta = dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
         cfg, state = ck["config"], ck["model"]
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
-    if cfg["vocab"] != V:
-        raise UserError(f"{init}: a model of {cfg['vocab'] - 1} codes, the oracle {oracle_path} has {V - 1}")
     raw, model, opt, start, path, meta = common.stage_setup("colorize", stage, args, cfg, meta, device, world, state)
+    if raw.cfg["vocab"] != V or meta.get("oracle_id", oracle.fingerprint) != oracle.fingerprint:
+        raise UserError(f"{path if start else init}: made with another oracle than {oracle_path} (retrained?)")
     if not ck and start == 0 and args.init_encoder:
         common.load_timm_encoder(raw, args.init_encoder)
     allowed = vqvae.allowed_tokens(V - 1, device)
@@ -374,7 +374,10 @@ def evaluate(args):
     if not paths:
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "colorize") for n, q in paths.items()}
-    rank, world, device, oracle, _, tr, va = setup(args)
+    rank, world, device, oracle, oracle_path, tr, va = setup(args)
+    if bad := [paths[n] for n, ck in cks.items() if ck["config"]["vocab"] != oracle.c["codebook"] + 1
+               or ck["meta"].get("oracle_id", oracle.fingerprint) != oracle.fingerprint]:  # its codes mean other things
+        raise UserError(f"{bad[0]}: made with another oracle than {oracle_path} (retrained?)")
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return

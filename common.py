@@ -391,6 +391,8 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
         init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
+        if (was := {k: ck["args"][k] for k in ("optimizer", "wd", "enc_lr_mult")}) != {k: vars(args)[k] for k in was}:
+            raise UserError(f"{path}: made with {was}; the optimizer's state keeps them, resume with the same flags")
         print0(f"resuming {path} at step {start}")
     raw = build_model(cfg, device, init_state, path if start else args.init or f"{stage}'s start", args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
@@ -444,9 +446,8 @@ class StepSampler:
     def __init__(self, n, global_batch, seed, start, steps, rank, world):
         if global_batch % world:
             raise UserError(f"--batch_size {global_batch} is not divisible by {world} processes")
-        b = global_batch // world
         self.args, self.range = (n, global_batch, seed), range(start, steps)
-        self.slice = slice(rank * b, (rank + 1) * b)
+        self.slice = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
 
     def __iter__(self):
         for step in self.range:
@@ -591,9 +592,8 @@ def save_grid(rows, titles, path, scale=4):
     """rows: list of lists of PIL images of one size; titles: one per column."""
     w, h = rows[0][0].width * scale, rows[0][0].height * scale
     grid = Image.new("RGB", (w * len(titles), 14 + h * len(rows)), "white")
-    d = ImageDraw.Draw(grid)
     for j, t in enumerate(titles):
-        d.text((j * w + 3, 1), t, fill="black")
+        ImageDraw.Draw(grid).text((j * w + 3, 1), t, fill="black")
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             grid.paste(im.resize((w, h), Image.NEAREST), (j * w, 14 + i * h))

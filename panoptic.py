@@ -119,8 +119,7 @@ def load_coco(args, split):
         raise UserError(f"{path}: malformed COCO panoptic json ({type(e).__name__}: {str(e)[:80]})")
     if bad:
         raise UserError(f"{path}: segments with category_id {bad[0]}, which is not in its categories")
-    missing = [it["png"] for it in items if not os.path.isfile(it["png"])]
-    if missing:
+    if missing := [it["png"] for it in items if not os.path.isfile(it["png"])]:
         raise UserError(f"{missing[0]}: missing panoptic PNG ({len(missing)} of {len(items)} missing)")
     return common.readable(items, split), cats
 
@@ -141,7 +140,6 @@ class Scenes(torch.utils.data.Dataset):
     def __init__(self, items, categories, instances, size):
         self.items, self.I, self.size, self.categories = items, instances, size, categories
         self.index = {c["id"]: k + 1 for k, c in enumerate(categories)}  # category id -> class
-        self.C = len(categories) + 1
 
     def __len__(self):
         return len(self.items)
@@ -340,8 +338,7 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
                     raise UserError(f"{pred['file_name']}: segment {q} has unknown category_id "
                                     f"{pred_segs[q]['category_id']}")
                 pred_segs[q]["area"] = n
-            missing = sorted(set(pred_segs) - set(ids.tolist()))
-            if missing:
+            if missing := sorted(set(pred_segs) - set(ids.tolist())):
                 raise UserError(f"{pred['file_name']}: segments {missing} are in the json and not in the PNG")
             gt_ids = read_ids(os.path.join(gt_folder, gt["file_name"]))
             if gt_ids.shape != pred_ids.shape:
@@ -434,15 +431,15 @@ def train(args, stage):
     ck = common.load_ckpt(init, "panoptic") if init else None
     rank, world, device, oracle, oracle_path, tr, va = setup(args)
     V, L, master = oracle.c["codebook"] + 1, 256, rank == 0
-    meta = dict(oracle=oracle_path, reward=args.reward)
+    meta = dict(oracle=oracle_path, oracle_id=oracle.fingerprint, reward=args.reward)
     if ck:  # prior: training steps behind the starting point
         meta = dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
         cfg, state = ck["config"], ck["model"]
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
-    if cfg["vocab"] != V:
-        raise UserError(f"{init}: a model of {cfg['vocab'] - 1} codes, the oracle {oracle_path} has {V - 1}")
     raw, model, opt, start, path, meta = common.stage_setup("panoptic", stage, args, cfg, meta, device, world, state)
+    if raw.cfg["vocab"] != V or meta.get("oracle_id", oracle.fingerprint) != oracle.fingerprint:
+        raise UserError(f"{path if start else init}: made with another oracle than {oracle_path} (retrained?)")
     if not ck and start == 0:
         enc = args.init_encoder or os.path.join(args.out_dir, "panoptic", "encoder", "encoder.pt")
         enc = enc if args.init_encoder or (os.path.exists(enc) and args.data == "synthetic") else ""
@@ -521,7 +518,10 @@ def evaluate(args):
     if not paths:
         raise UserError(f"no checkpoint under {base}: run --stage mle first")
     cks = {n: common.load_ckpt(q, "panoptic") for n, q in paths.items()}
-    rank, world, device, oracle, _, tr, va = setup(args)
+    rank, world, device, oracle, oracle_path, tr, va = setup(args)
+    if bad := [paths[n] for n, ck in cks.items() if ck["config"]["vocab"] != oracle.c["codebook"] + 1
+               or ck["meta"].get("oracle_id", oracle.fingerprint) != oracle.fingerprint]:  # its codes mean other things
+        raise UserError(f"{bad[0]}: made with another oracle than {oracle_path} (retrained?)")
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return

@@ -20,6 +20,7 @@ of their centre of mass), cross-entropy; colour = RGB in [-1, 1] given the gray 
 and colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`, `decode`.
 """
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -206,8 +207,7 @@ class VQVAE(nn.Module):
         if self.training:
             self.ema_update(z.detach(), codes)
             if drop is not None:  # UViM code dropout: keep (1 - u) of the 256 codes; drop: u (B, 1), U(0, 1) (B, 256)
-                keep = drop[1].to(z.device) >= drop[0].to(z.device)
-                q = q * keep[..., None]
+                q = q * (drop[1].to(z.device) >= drop[0].to(z.device))[..., None]
         return self.decode_codes(q, image), codes
 
     @torch.no_grad()
@@ -231,9 +231,7 @@ class VQVAE(nn.Module):
 
 def allowed_tokens(codebook, device):
     """Stage II's vocabulary mask (256, codebook + 1): any code anywhere, never BOS (0 would decode as code -1)."""
-    a = torch.ones(256, codebook + 1, dtype=torch.bool, device=device)
-    a[:, 0] = False
-    return a
+    return (torch.arange(codebook + 1, device=device) > 0).repeat(256, 1)
 
 
 def encode(model, target, image):
@@ -277,6 +275,7 @@ def load(path, task, device):
     ck = common.load_ckpt(path, f"vqvae_{task}")
     model = VQVAE(ck["config"])
     model.load_state_dict(ck["model"])
+    model.fingerprint = hashlib.sha1(ck["model"]["sums"].numpy().tobytes()).hexdigest()[:12]  # in the LM's meta
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -332,8 +331,9 @@ def train(args):
     opt = common.make_optimizer(raw, args.optimizer, args.lr, args.wd, 1.0)
     if args.resume and os.path.exists(path):
         ck = common.load_ckpt(path, f"vqvae_{args.task}")
-        if ck["config"] != cfg:  # else a shape error (or, silently, other settings) below
-            raise UserError(f"{path}: made with other flags: {[k for k in cfg if ck['config'].get(k) != cfg[k]]}")
+        was, now = {**ck["args"], **ck["config"]}, {**vars(args), **cfg}  # else a shape error, or silently other
+        if diff := [k for k in (*cfg, "optimizer", "wd") if was.get(k) != now[k]]:  # settings (the optimizer's state)
+            raise UserError(f"{path}: made with other flags: {diff}")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]

@@ -145,6 +145,12 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
     assert m["truth"]["psnr"] > 90 and all(0 <= r["colorfulness"] <= math.log(7) for r in m.values())
     assert len(os.listdir(tmp_path / "out" / "colorize" / "eval" / "reward")) == 8
     assert Image.open(tmp_path / "out" / "colorize" / "eval" / "grid.png").size[1] > 8 * 32
+    ck = torch.load(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt", weights_only=True)
+    ck["model"]["sums"][0] += 1  # an oracle retrained since decodes the LMs' codes into other colours: refused
+    torch.save(ck, tmp_path / "other.pt")
+    for stage in ["eval", "reward"]:
+        p = run("colorize.py", "--tiny", "--stage", stage, "--oracle", str(tmp_path / "other.pt"), "--out_dir", out)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "made with another oracle" in p.stderr
     for script in [["colorize.py"], ["vqvae.py", "--task", "colorize"]]:
         p = run(*script, "--tiny", "--data", "folder", "--data_dir", str(tmp_path / "nope"), "--out_dir", out)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nope: no such directory" in p.stderr

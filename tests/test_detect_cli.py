@@ -107,6 +107,9 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
     p = run(*common, "--out_dir", tmp_path / "b", "--stop_at", 5)  # killed after step 5, last checkpoint at 3
     assert "stopping after step 5" in p.stdout
     assert torch.load(tmp_path / "b/detect/reward/ckpt.pt", weights_only=True)["step"] == 3
+    for flag in [("--optimizer", "adafactor"), ("--wd", 0.5)]:  # the optimizer's state would crash / keep the old wd
+        p = run(*common, "--out_dir", tmp_path / "b", "--resume", *flag, ok=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "resume with the same" in p.stderr
     run(*common, "--out_dir", tmp_path / "b", "--resume")
     assert_same(weights(tmp_path / "a/detect/reward/ckpt.pt"), weights(tmp_path / "b/detect/reward/ckpt.pt"))
 

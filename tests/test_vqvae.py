@@ -111,6 +111,9 @@ def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
     res = json.load(open(tmp_path / "vqvae_panoptic" / "eval.json"))
     assert 0 <= res["All"]["pq"] <= 100 and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
     assert "oracle on 16 held-out scenes" in p.stdout
+    for flag, value in [("--wd", "0.5"), ("--optimizer", "adafactor"), ("--width", "48")]:  # resume: same flags
+        p = run("vqvae.py", "--task", "panoptic", "--resume", flag, value)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"other flags: ['{flag[2:]}']" in p.stderr
     p = run("panoptic.py")
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"encoder: {tmp_path / 'panoptic' / 'encoder' / 'encoder.pt'}" in p.stdout  # mle began from that ViT
@@ -128,3 +131,10 @@ def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
     assert len(os.listdir(ev / "pred_reward")) == 8 and (ev / "grid.png").exists()
     log = [json.loads(x) for x in open(tmp_path / "panoptic" / "reward" / "log.jsonl")]
     assert any("reward" in x and "fp" in x for x in log)  # the reward stage logged its reward and counts
+    # an oracle retrained since (here: one codeword moved) decodes the LMs' codes into other things: refused
+    ck = torch.load(tmp_path / "vqvae_panoptic" / "ckpt.pt", weights_only=True)
+    ck["model"]["sums"][0] += 1
+    torch.save(ck, tmp_path / "other.pt")
+    for stage in ["eval", "reward"]:
+        p = run("panoptic.py", "--stage", stage, "--oracle", str(tmp_path / "other.pt"))
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "made with another oracle" in p.stderr
