@@ -97,10 +97,21 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BAD_ENDINGS = {"a", "an", "the", "with", "and", "of", "on", "in", "to"}
 
 
+BRACKETS = str.maketrans({"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ",
+                          "}": " -rcb- "})
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "no", "vs", "mt", "etc"}  # keep their period, as PTB
+W = r"[^\W_]"  # a letter or digit
+
+
 def tokenize(s):
-    """Lowercase, split at every non-alphanumeric character, keep the words (the COCO evaluation's
-    PTB tokenizer also drops punctuation): "Two red squares, a ring." -> [two, red, squares, a, ring]."""
-    return re.findall(r"[a-z0-9]+", s.lower())
+    """The COCO caption evaluation's words (pycocoevalcap: Stanford PTBTokenizer -lowerCase, then its punctuation
+    filter), in Python: clitics split ("man's" -> man 's, "can't" -> ca n't, cannot -> can not); hyphens, slashes,
+    inner periods and colons kept (t-shirt, 1/2, u.s., 12:45); brackets become -lrb- -rrb- and stay (the filter
+    looks for -LRB-); $ % & # alone; other punctuation dropped. Equal to PTB on the cases in tests/test_caption.py:
+    "A man's T-shirt, (red)." -> [a, man, 's, t-shirt, -lrb-, red, -rrb-]."""
+    s = re.sub(rf"(?<={W})(n't|'s|'re|'ve|'ll|'d|'m)\b|(?<=\bcan)(?=not\b)", r" \1", s.lower().translate(BRACKETS))
+    words = re.findall(rf"-[lr][rsc]b-|n't|'(?:s|re|ve|ll|d|m)\b|#(?![^\W\d_])|[$%&/]|[#@]?{W}+(?:[-./:'@]{W}+)*\.?", s)
+    return [w[:-1] if w.endswith(".") and "." not in w[:-1] and w[:-1] not in ABBREVIATIONS else w for w in words]
 
 
 def build_vocab(items, min_count):

@@ -102,6 +102,46 @@ def test_unfinished_caption_scores_below_finished():
     assert r[0, 0] > r[0, 1] > 0
 
 
+# pycocoevalcap 1.2's PTBTokenizer (java, stanford-corenlp 3.4.1) on these captions, then its punctuation
+# filter: its outputs, recorded from a run here (it needs java, which a test machine need not have)
+PTB = {
+    "A man's T-shirt, (red).": "a man 's t-shirt -lrb- red -rrb-",
+    "Two dogs can't play; they won't.": "two dogs ca n't play they wo n't",
+    "I'm sure they're here, we've been, you'll see, he'd go":
+        "i 'm sure they 're here we 've been you 'll see he 'd go",
+    'A "large" pizza & beer': 'a large pizza & beer',
+    "the kids' toys": 'the kids toys',
+    'a 2-year-old child': 'a 2-year-old child',
+    'a 1/2 eaten pizza': 'a 1/2 eaten pizza',
+    'a plate w/ food': 'a plate w / food',
+    'a room w/o windows': 'a room w/o windows',
+    'A st. bernard dog': 'a st. bernard dog',
+    'a dog. a cat': 'a dog a cat',
+    'U.S. flag at 5:30 p.m.': 'u.s. flag at 5:30 p.m.',
+    'a clock reading 12:45.': 'a clock reading 12:45',
+    'A 3.5 inch screen, and/or a phone!': 'a 3.5 inch screen and/or a phone',
+    'a #1 sign costs $5 or 50%': 'a # 1 sign costs $ 5 or 50 %',
+    '#hashtag': '#hashtag',
+    'a [blue] car': 'a -lsb- blue -rsb- car',
+    'a {red} car': 'a -lcb- red -rcb- car',
+    'Two people--a man and woman--walking': 'two people a man and woman walking',
+    "it's 10 o'clock": "it 's 10 o'clock",
+    'cannot': 'can not',
+    'a b&w photo': 'a b & w photo',
+    'e-mail me @home': 'e-mail me @home',
+    'A dog on a couch;a cat on a chair': 'a dog on a couch a cat on a chair',
+    "Someone's breakfast: eggs, toast, and coffee.": "someone 's breakfast eggs toast and coffee",
+    "Man in a 1950's car.": "man in a 1950 's car",
+    'café au lait': 'café au lait',
+}
+
+
+def test_tokenizer_equals_the_coco_evaluations_ptb_tokenizer():
+    for caption_text, words in PTB.items():
+        assert caption.tokenize(caption_text) == words.split(), caption_text
+        assert caption.tokenize(words) == words.split()  # stable: the eval re-reads predicted words
+
+
 def test_tokenizer_vocab_and_round_trip():
     assert caption.tokenize("Two RED squares, a ring.") == ["two", "red", "squares", "a", "ring"]
     items = [dict(refs=["a red square", "a red ring"]), dict(refs=["a blue star"])]
