@@ -221,8 +221,11 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         it = self.items[i]
-        img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
-        img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
+        try:
+            img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
+            img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
+        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
+            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
         return i, torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
 
 

@@ -190,8 +190,10 @@ class Photos(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         it = self.items[i]
-        img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
-        img = img.convert("RGB")
+        try:
+            img = (Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])).convert("RGB")
+        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
+            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
         s = min(img.size)
         img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
         rgb = torch.from_numpy(np.asarray(img.resize((self.size, self.size), Image.BICUBIC), np.float32) / 255)

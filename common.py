@@ -53,13 +53,11 @@ def ddp_setup():
     torch.backends.cuda.matmul.allow_tf32 = True
     return rank, world, device
 
-def ddp_end_stage():
-    """End of a stage: all ranks meet. The group lives until run() ends (re-creating it under torchrun hangs)."""
+def ddp_end_stage():  # end of a stage: all ranks meet; the group lives until run() ends (re-created, torchrun hangs)
     if dist.is_initialized():
         dist.barrier()
 
-def autocast(device):
-    """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)."""
+def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
 def replica_checksums(model):
@@ -454,10 +452,12 @@ class StepSampler:
             yield step_indices(*self.args, step)[self.slice].tolist()
 
 def readable(items, what):
-    """Real data: drop items whose image files ("file", "png") do not decode, with a count (not fatal in big data)."""
-    def decodes(f):
+    """Real data: drop items whose "file" / "png" do not decode or differ from "size" (EXIF rotation?), with a count."""
+    def decodes(f, size):
         try:
             with Image.open(f) as im:
+                if size and im.size != tuple(size):
+                    return False
                 if im.format != "JPEG":
                     return im.verify() is None  # PNG: checks every chunk's CRC
                 im.draft("RGB", (1, 1))  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
@@ -465,9 +465,9 @@ def readable(items, what):
             return True
         except Exception:
             return False
-    ok = [it for it in items if all(decodes(it[k]) for k in ("file", "png") if k in it)]
-    if len(ok) < len(items):
-        print0(f"warning: {what}: skipped {len(items) - len(ok)} unreadable images of {len(items)}")
+    ok = [it for it in items if all(decodes(it[k], it.get("size")) for k in ("file", "png") if k in it)]
+    if bad := len(items) - len(ok):  # not fatal in big data
+        print0(f"warning: {what}: skipped {bad} of {len(items)} images: unreadable, or not of the json's size")
     if not ok:
         raise UserError(f"{what}: no readable images")
     return ok
@@ -534,8 +534,7 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     for t in things:
         ys, xs = np.nonzero(t["mask"])
-        t["box"] = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-        t["area"] = int(t["mask"].sum())
+        t["box"], t["area"] = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32), len(ys)
         seg[t["mask"]] = len(segments) + 1
         segments.append(dict(id=len(segments) + 1, category_id=t["label"] + 1, iscrowd=0))
     segments = [s for s in segments if (seg == s["id"]).any()]  # stuff may be hidden entirely

@@ -166,7 +166,13 @@ def load_coco(data_dir, split):
         cats, names = sorted(c["id"] for c in gt["categories"]), [c["name"] for c in sorted(
             gt["categories"], key=lambda c: c["id"])]
         items = {im["id"]: dict(id=im["id"], file=os.path.join(data_dir, split, im["file_name"]), w=im["width"],
-                                h=im["height"], labels=[], boxes=[]) for im in gt["images"]}
+                                h=im["height"], size=(im["width"], im["height"]), labels=[], boxes=[])
+                 for im in gt["images"]}
+        if len(items) < len(gt["images"]):
+            raise UserError(f"{path}: {len(gt['images']) - len(items)} images repeat another image's id")
+        # COCOeval keys ground truth by annotation id (merged exports repeat them) and reads iscrowd and area
+        gt["annotations"] = [dict(a, id=k + 1, iscrowd=a.get("iscrowd", 0), area=a.get("area", w * h))
+                             for k, a in enumerate(gt["annotations"]) for w, h in [a["bbox"][2:4]]]
         for a in gt["annotations"]:
             if a.get("iscrowd", 0):
                 continue
@@ -191,8 +197,11 @@ class Boxes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         it = self.items[i]
-        img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
-        img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
+        try:
+            img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
+            img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
+        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
+            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
         return i, torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1, torch.from_numpy(it["boxes"]), \
             torch.tensor(it["labels"], dtype=torch.long)
 
@@ -209,7 +218,9 @@ def load_data(args):
         va, gt = load_synthetic("val", args.num_val, args.image_size, args.seed, **scene_flags(args))
         return tr, va, gt, list(common.THINGS), list(range(1, len(common.THINGS) + 1))
     tr, _, names, cats = load_coco(args.data_dir, args.train_split)
-    va, gt, _, _ = load_coco(args.data_dir, args.val_split)
+    va, gt, _, val_cats = load_coco(args.data_dir, args.val_split)
+    if val_cats != cats:  # a class is an index into the sorted category ids: both splits must list the same
+        raise UserError(f"--val_split {args.val_split}: categories {val_cats[:8]}... differ from --train_split's")
     return common.readable(tr, args.train_split), common.readable(va, args.val_split), gt, names, cats
 
 

@@ -129,7 +129,10 @@ def load_data(args):
     if args.data == "synthetic":
         return [common.synthetic_world(split, n, args.image_size, args.seed)
                 for split, n in [("train", args.num_train), ("val", args.num_val)]] + [common.CATEGORIES]
-    return (*load_coco(args, args.train_split)[:1], *load_coco(args, args.val_split))
+    (tr, cats), (va, val_cats) = (load_coco(args, s) for s in (args.train_split, args.val_split))
+    if val_cats != cats:  # class k is the k-th category in both splits (and the oracle)
+        raise UserError(f"--val_split {args.val_split}: its categories differ from --train_split {args.train_split}'s")
+    return tr, va, cats
 
 
 class Scenes(torch.utils.data.Dataset):
@@ -212,8 +215,7 @@ def reward_pq(pred, batch):
     gt (B, H, W), gt_cat (B, G+1), gt_crowd (B, G+1) -> r (B, K)."""
     (seg, cat), (B, K) = pred, pred[1].shape[:2]
     rep = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
-    c = pq_counts(rep(batch["gt"]), rep(batch["gt_cat"]), rep(batch["gt_crowd"]), seg.flatten(0, 1),
-                  cat.flatten(0, 1))
+    c = pq_counts(*(rep(batch[k]) for k in ("gt", "gt_cat", "gt_crowd")), seg.flatten(0, 1), cat.flatten(0, 1))
     r = (c["iou"] - 0.3 * c["fp"]).view(B, K).float()
     return r, dict(tp=c["tp"].double().mean(), fp=c["fp"].double().mean(), fn=c["fn"].double().mean())
 
@@ -297,8 +299,7 @@ def pq_average(stats, categories, isthing):
         total["n"] += 1
         for k in ("pq", "sq", "rq"):
             total[k] += r[k]
-    for k in ("pq", "sq", "rq"):
-        total[k] = total[k] / total["n"] if total["n"] else 0.0
+    total.update({k: total[k] / total["n"] if total["n"] else 0.0 for k in ("pq", "sq", "rq")})
     return total, per_class
 
 
@@ -394,10 +395,10 @@ def write_coco(folder, json_path, annotations, categories=None):
     """[(image_id, ids (H, W), [segments_info])] -> a COCO panoptic folder of PNGs + json."""
     os.makedirs(folder, exist_ok=True)
     for image_id, ids, _ in annotations:
-        Image.fromarray(id2rgb(ids)).save(os.path.join(folder, f"{image_id:06d}.png"))
+        Image.fromarray(id2rgb(ids)).save(os.path.join(folder, f"{image_id}.png"))  # ids may be strings (Cityscapes)
     with open(json_path, "w") as f:
         json.dump(dict(categories=categories or [], annotations=[dict(
-            image_id=i, file_name=f"{i:06d}.png", segments_info=segs) for i, _, segs in annotations]), f)
+            image_id=i, file_name=f"{i}.png", segments_info=segs) for i, _, segs in annotations]), f)
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +453,7 @@ def train(args, stage):
                   f"{V - 1} codes, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
-    b, t0 = args.batch_size // world, time.time()
+    b, K, t0 = args.batch_size // world, args.samples, time.time()
     mb = args.micro_batch or b
     for step, (idx, img, target, _, _, gt, gt_cat, gt_crowd) in enumerate(tqdm(
             loader, disable=not master, initial=start, total=args.steps, desc=stage), start):
@@ -467,10 +468,9 @@ def train(args, stage):
             return loss, st
 
         def reward_micro(s):
-            noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
+            noise = common.example_noise(args.seed, step, pos[s], K, L)
             with common.autocast(device):
-                tok, _ = common.sample(raw, img[s], L, args.samples, args.temperature, noise=noise, allowed=allowed)
-            K = args.samples
+                tok, _ = common.sample(raw, img[s], L, K, args.temperature, noise=noise, allowed=allowed)
             seg, cat = segment(oracle, tok.flatten(0, 1), img[s].repeat_interleave(K, 0), args.min_segment)
             batch = dict(gt=gt[s].to(device), gt_cat=gt_cat[s].to(device), gt_crowd=gt_crowd[s].to(device))
             r, aux = REWARDS[args.reward]((seg.view(-1, K, *seg.shape[1:]), cat.view(-1, K, cat.shape[1])), batch)

@@ -1,5 +1,6 @@
 """detect.py: token format, the rewards on hand-computed cases, COCO loading and evaluation.
 Run: python -m pytest -q tests/test_detect.py"""
+import argparse
 import json
 import os
 
@@ -130,6 +131,41 @@ def write_coco(root, split, n_img=4):
         json.dump(dict(images=images, annotations=anns, categories=cats), f)
 
 
+def test_coco_loader_takes_exports_as_they_come(tmp_path):
+    """Annotation ids repeated (merged exports; COCOeval keys on them), no iscrowd / area fields, a photo whose
+    stored size is not the json's (EXIF-rotated): still AP 100 for the ground truth, the photo skipped."""
+    write_coco(tmp_path, "val")
+    path = tmp_path / "annotations" / "instances_val.json"
+    d = json.load(open(path))
+    d["annotations"] = [{k: v for k, v in dict(a, id=1).items() if k not in ("area", "iscrowd") or a["iscrowd"]}
+                        for a in d["annotations"]]
+    d["images"][3].update(width=30, height=50)  # d.png is stored 50 x 30
+    json.dump(d, open(path, "w"))
+    items, gt, _, cats = detect.load_coco(str(tmp_path), "val")
+    items = common.readable(items, "val")
+    assert [it["id"] for it in items] == [10, 11, 12]
+    res = [dict(image_id=it["id"], category_id=cats[l], bbox=detect.to_xywh(b, it), score=1.0)
+           for it in items for b, l in zip(it["boxes"].tolist(), it["labels"])]
+    m = detect.coco_eval(gt, res, [it["id"] for it in items])
+    assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+    d["images"][1]["id"] = 10  # two images with one id: their boxes would mix
+    json.dump(d, open(path, "w"))
+    with pytest.raises(common.UserError, match="repeat another image's id"):
+        detect.load_coco(str(tmp_path), "val")
+
+
+def test_coco_splits_must_list_the_same_categories(tmp_path):
+    write_coco(tmp_path, "train")
+    write_coco(tmp_path, "val")
+    path = tmp_path / "annotations" / "instances_val.json"
+    d = json.load(open(path))
+    d["categories"].append(dict(id=9, name="boat"))  # val has a class train has not (an IndexError at eval before)
+    json.dump(d, open(path, "w"))
+    args = argparse.Namespace(data="coco", data_dir=str(tmp_path), train_split="train", val_split="val")
+    with pytest.raises(common.UserError, match="differ from --train_split"):
+        detect.load_data(args)
+
+
 def test_coco_loader_and_eval_in_original_coordinates(tmp_path):
     write_coco(tmp_path, "val")
     items, gt, names, cats = detect.load_coco(str(tmp_path), "val")
@@ -170,3 +206,23 @@ def test_synthetic_ground_truth_scores_100_through_cocoeval():
            for it in items for b, l in zip(it["boxes"].tolist(), it["labels"])]
     m = detect.coco_eval(gt, res, range(20))
     assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+
+
+def test_png_with_a_broken_pixel_stream_is_one_line(tmp_path):
+    """Valid chunks (CRCs) around an IDAT that is not zlib: readable() keeps it (it does not decode PNG pixels,
+    too slow for 100k files); loading it is a UserError naming the file, not an OSError traceback mid-run."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(  # noqa: E731
+        ">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", b"not a zlib stream at all") + chunk(b"IEND", b"")
+    (tmp_path / "bad.png").write_bytes(png)
+    item = dict(id=1, file=str(tmp_path / "bad.png"), w=8, h=8, size=(8, 8), boxes=np.zeros((0, 4), np.float32),
+                labels=[])
+    assert common.readable([item], "t") == [item]
+    import caption
+    import colorize
+    for dataset in [detect.Boxes, caption.Images, colorize.Photos]:  # every real-data loader of an image
+        with pytest.raises(common.UserError, match="bad.png: unreadable image"):
+            dataset([item], 16)[0]

@@ -261,3 +261,27 @@ def test_scenes_map_category_ids_to_classes_and_crowd_to_void(tmp_path):
     assert sem[0, 0] == 0 and sem[44, 0] == 0  # the void pixel, the crowd region: void in the oracle's target
     assert gt_cat[:6].tolist() == [-1, 4, 3, 1, 2, 2] and crowd[:6].tolist() == [False] * 5 + [True]
     assert gt[44, 0] == 5 and (gt == 0).sum() == 1  # the reward still sees the crowd region (as PQ does)
+
+
+def test_string_image_ids_are_written_and_scored(tmp_path):
+    """Cityscapes-style ids ("frankfurt_000000_000294") name their files (a format error before)."""
+    ids = grid(["1166", "1166", "..77"])
+    segs = [dict(id=q, category_id=q, area=int((ids == q).sum())) for q in (1, 6, 7)]
+    for kind in ["gt", "pred"]:
+        panoptic.write_coco(str(tmp_path / kind), str(tmp_path / f"{kind}.json"),
+                            [("frankfurt_000000_000294", ids, segs), (7, ids, segs)], CATS)
+    assert sorted(os.listdir(tmp_path / "pred")) == ["7.png", "frankfurt_000000_000294.png"]
+    r = panoptic.pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"))
+    close(r["All"], 1.0, 1.0, 1.0, 3)
+
+
+def test_coco_splits_must_list_the_same_categories(tmp_path):
+    import argparse
+    write_coco_panoptic(tmp_path, "train", [(40, 40)])
+    write_coco_panoptic(tmp_path, "val", [(40, 40)])
+    d = json.load(open(tmp_path / "annotations" / "panoptic_val.json"))
+    d["categories"].append(dict(id=200, name="boat", isthing=1))  # class 5 in val only: the oracle has no such class
+    json.dump(d, open(tmp_path / "annotations" / "panoptic_val.json", "w"))
+    args = argparse.Namespace(data="coco", data_dir=str(tmp_path), train_split="train", val_split="val")
+    with pytest.raises(UserError, match="categories differ from --train_split"):
+        panoptic.load_data(args)
