@@ -76,7 +76,7 @@ p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo
 p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
 p.add_argument("--reward", default="cider", choices=["cider"], help="reward to optimize (see REWARDS)")
-p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
 p.add_argument("--compile", action="store_true", help="torch.compile the model for the training forward")
@@ -581,6 +581,7 @@ def main():
             evaluate(args)
         else:
             train(args, stage)
+            args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle
 
 
 if __name__ == "__main__":

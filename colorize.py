@@ -76,7 +76,7 @@ p.add_argument("--temperature", type=float, default=1.0, help="sampling temperat
 p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
 p.add_argument("--reward", default="colorfulness", choices=["colorfulness"], help="reward to optimize (REWARDS)")
-p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
 p.add_argument("--compile", action="store_true", help="torch.compile the model for the training forward")
@@ -438,6 +438,7 @@ def main():
             evaluate(args)
         else:
             train(args, stage)
+            args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle
 
 
 if __name__ == "__main__":

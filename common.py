@@ -1,6 +1,5 @@
-"""Shared core of rewardtune: what every task script needs, nothing more. Sections: errors, DDP, device | logging
-| ViT encoder, decoder with cross-attention | sampling with a KV cache | MLE and REINFORCE losses | optimizer, LR
-schedule | checkpoints | data order | synthetic world | picture grids. Algorithms 1 and 2: mle_loss, reinforce_loss."""
+"""rewardtune's shared core: errors, DDP, device | logging | ViT encoder, decoder with cross-attention | sampling with
+a KV cache | mle_loss, reinforce_loss (paper Algorithms 1, 2) | optimizer | checkpoints | data | synthetic world."""
 import functools
 import json
 import math
@@ -389,8 +388,10 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
         init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
-        if (was := {k: ck["args"][k] for k in ("optimizer", "wd", "enc_lr_mult")}) != {k: vars(args)[k] for k in was}:
-            raise UserError(f"{path}: made with {was}; the optimizer's state keeps them, resume with the same flags")
+        keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size") + (  # else silently another run (or a crash)
+            ("samples", "baseline", "grad_on", "temperature", "reward") if stage == "reward" else ())
+        if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
+            raise UserError(f"{path}: made with {diff}; resume with the same flags")
         print0(f"resuming {path} at step {start}")
     raw = build_model(cfg, device, init_state, path if start else args.init or f"{stage}'s start", args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)

@@ -81,7 +81,7 @@ p.add_argument("--grad_on", default="first", choices=["first", "all"], help="tra
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
 p.add_argument("--reward", default="map", choices=["map", "recall"], help="reward to optimize (see REWARDS)")
 p.add_argument("--conf_weight", type=float, default=0.3, help="weight of the confidence-to-IoU loss")
-p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit unsaved after this mle/reward/mle_cont step (preempted)")
 p.add_argument("--compile", action="store_true", help="torch.compile the training forward (not the encoder stage)")
@@ -569,6 +569,7 @@ def main():
             pretrain_encoder(args)
         else:
             train(args, stage)
+            args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle
 
 
 if __name__ == "__main__":

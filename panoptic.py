@@ -76,7 +76,7 @@ p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train
 p.add_argument("--temperature", type=float, default=None, help="sampling temperature in the reward stage (preset)")
 p.add_argument("--min_segment", type=int, default=0, help="decoding: smaller segments (pixels) become void")
 p.add_argument("--reward", default="pq", choices=["pq"], help="reward to optimize (REWARDS)")
-p.add_argument("--init", default="", help="checkpoint to start from (default: the previous stage's)")
+p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit unsaved after this mle/reward/mle_cont step (preempted)")
 p.add_argument("--compile", action="store_true", help="torch.compile the training forward (not the encoder stage)")
@@ -593,6 +593,7 @@ def main():
             pretrain_encoder(args)
         else:
             train(args, stage)
+            args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle
 
 
 if __name__ == "__main__":

@@ -107,11 +107,23 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
     p = run(*common, "--out_dir", tmp_path / "b", "--stop_at", 5)  # killed after step 5, last checkpoint at 3
     assert "stopping after step 5" in p.stdout
     assert torch.load(tmp_path / "b/detect/reward/ckpt.pt", weights_only=True)["step"] == 3
-    for flag in [("--optimizer", "adafactor"), ("--wd", 0.5)]:  # the optimizer's state would crash / keep the old wd
+    for flag in [("--optimizer", "adafactor"), ("--wd", 0.5), ("--seed", 1), ("--samples", 3)]:  # the optimizer's
+        # state would crash / keep the old wd; another seed or K would silently make another run
         p = run(*common, "--out_dir", tmp_path / "b", "--resume", *flag, ok=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "resume with the same" in p.stderr
     run(*common, "--out_dir", tmp_path / "b", "--resume")
     assert_same(weights(tmp_path / "a/detect/reward/ckpt.pt"), weights(tmp_path / "b/detect/reward/ckpt.pt"))
+
+
+def test_all_stages_from_init_hand_off(tiny, tmp_path):
+    """--stage all --init X: mle starts from X, reward and mle_cont from that new mle (all three started from X)."""
+    init = tiny[0] / "detect" / "mle" / "ckpt.pt"
+    run("--tiny", "--init", init, "--steps", 3, "--eval_every", 0, "--out_dir", tmp_path)
+    ck = {s: torch.load(tmp_path / "detect" / s / "ckpt.pt", weights_only=True) for s in ["mle", "reward", "mle_cont"]}
+    x = torch.load(init, weights_only=True)
+    assert ck["mle"]["meta"]["prior"] == x["meta"].get("prior", 0) + x["step"]
+    for s in ["reward", "mle_cont"]:
+        assert ck[s]["meta"]["prior"] == ck["mle"]["meta"]["prior"] + 3
 
 
 def test_two_processes_equal_one_process(tiny, tmp_path):
