@@ -52,7 +52,7 @@ def ddp_setup():
     torch.backends.cuda.matmul.allow_tf32 = True
     return rank, world, device
 
-def ddp_end_stage():  # end of a stage: all ranks meet; the group lives until run() ends (re-created, torchrun hangs)
+def ddp_end_stage():  # end of a stage: all ranks meet; the group lives until run() ends (re-creating it hung torchrun)
     if dist.is_initialized():
         dist.barrier()
 

@@ -331,8 +331,8 @@ def train(args):
     opt = common.make_optimizer(raw, args.optimizer, args.lr, args.wd, 1.0)
     if args.resume and os.path.exists(path):
         ck = common.load_ckpt(path, f"vqvae_{args.task}")
-        was, now = {**ck["args"], **ck["config"]}, {**vars(args), **cfg}  # else a shape error, or silently other
-        if diff := [k for k in (*cfg, "optimizer", "wd") if was.get(k) != now[k]]:  # settings (the optimizer's state)
+        was, now = {**ck["args"], **ck["config"]}, {**vars(args), **cfg}  # else a shape error, or silently another run
+        if diff := [k for k in (*cfg, "optimizer", "wd", "seed", "batch_size") if was.get(k) != now[k]]:
             raise UserError(f"{path}: made with other flags: {diff}")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
