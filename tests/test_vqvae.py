@@ -111,7 +111,7 @@ def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
     res = json.load(open(tmp_path / "vqvae_panoptic" / "eval.json"))
     assert 0 <= res["All"]["pq"] <= 100 and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
     assert "oracle on 16 held-out scenes" in p.stdout
-    for flag, value in [("--wd", "0.5"), ("--optimizer", "adafactor"), ("--width", "48")]:  # resume: same flags
+    for flag, value in [("--wd", "0.5"), ("--optimizer", "adafactor"), ("--width", "48"), ("--seed", "1")]:
         p = run("vqvae.py", "--task", "panoptic", "--resume", flag, value)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"other flags: ['{flag[2:]}']" in p.stderr
     p = run("panoptic.py")
