@@ -41,13 +41,14 @@ PRESETS = {
                  mle_warmup=1000, mle_wd=5e-6, reward_steps=10000, reward_lr=1e-5, reward_warmup=1000, reward_wd=0.0,
                  enc_lr_mult=0.1, samples=8, eval_images=5000, num_train=0, num_val=0),
 }
-TINY = dict(dec_layers=2, image_size=32, batch_size=8, mle_steps=30, reward_steps=10, eval_images=16, num_train=128,
-            num_val=16, mle_warmup=5, reward_warmup=2, samples=4)
+TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, batch_size=8, mle_steps=30, reward_steps=10,
+            eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, samples=4)  # any --data
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
-               help="mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE for as "
-                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+               help="mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE from the "
+                    "same start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: "
+                    "every checkpoint side by side; all: each in turn")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/captions_<split>.json and <split>/ images")
 p.add_argument("--train_split", default="train2017", help="COCO training split (Karpathy: train = train+restval)")
@@ -63,7 +64,7 @@ p.add_argument("--init_encoder", default="", help="local ViT weights in timm nam
 p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 512)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
-p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
 p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
@@ -221,11 +222,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         it = self.items[i]
-        try:
-            img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
-            img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
-        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
-            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
+        img = np.asarray(common.open_rgb(it).resize((self.size, self.size), Image.BILINEAR), np.float32)
         return i, torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
 
 
@@ -444,8 +441,8 @@ def train(args, stage):
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, BOS, args.dec_layers, args.patch), None
     raw, model, opt, start, path, meta = common.stage_setup("caption", stage, args, cfg, meta, device, world, state)
-    if not ck and start == 0 and args.init_encoder:
-        common.load_timm_encoder(raw, args.init_encoder)
+    if not ck and start == 0:
+        common.init_encoder(raw, args, "caption")
     stoi = {w: i for i, w in enumerate(meta["itos"])}
     allowed = grammar(V, meta["max_len"]).to(device)
     cider = None
@@ -462,7 +459,7 @@ def train(args, stage):
     mb = args.micro_batch or b
     for step, (idx, imgs) in enumerate(tqdm(loader, disable=not master, initial=start, total=args.steps,
                                             desc=stage), start):
-        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, args.schedule)
         pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
         imgs = imgs.to(device)
 
@@ -522,20 +519,16 @@ def panel(text, size):
 def evaluate(args):
     """Every checkpoint that exists, side by side: metrics.json, table.md, captions json, a grid."""
     base = os.path.join(args.out_dir, "caption")
-    paths = {n: os.path.join(base, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
-    paths = {n: q for n, q in paths.items() if os.path.exists(q)}
-    if not paths:
-        raise UserError(f"no checkpoint under {base}: run --stage mle first")
-    cks = {n: common.load_ckpt(q, "caption") for n, q in paths.items()}
-    rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))["meta"]["itos"])
+    cks = common.eval_checkpoints(args.out_dir, "caption")  # {name: (path, ckpt)}: mle and its two tunings
+    rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))[1]["meta"]["itos"])
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
     out = os.path.join(base, "eval")
     os.makedirs(out, exist_ok=True)
     rows, preds = {}, {}
-    for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)
+    for name, (path, ck) in cks.items():
+        model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
         m, res = evaluate_model(model, va, ck["meta"], device, args.eval_images)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
@@ -553,7 +546,7 @@ def evaluate(args):
     grid = []
     for i in range(min(8, len(va))):
         it = va.items[i]
-        img = (Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])).convert("RGB")
+        img = common.open_rgb(it)
         grid.append([img.resize((S, S), Image.NEAREST), panel(it["refs"][0], S)] +
                     [panel(preds[n][i]["caption"], S) for n in preds])
     common.save_grid(grid, ["image", "a reference"] + list(preds), os.path.join(out, "grid.png"), scale=1)
@@ -572,11 +565,7 @@ def main():
     stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = "reward" if stage == "reward" else "mle"
-        for k, v in given.items():
-            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
-        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
-            args.steps = given["steps"] or preset["reward_steps"]
+        common.stage_flags(args, preset, stage, given, "caption")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
         else:

@@ -1,6 +1,7 @@
 """rewardtune's shared core: errors, DDP, device | logging | ViT encoder, decoder with cross-attention | sampling with
 a KV cache | mle_loss, reinforce_loss (paper Algorithms 1, 2) | optimizer | checkpoints | data | synthetic world."""
 import functools
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -53,8 +55,7 @@ def ddp_setup():
     return rank, world, device
 
 def ddp_end_stage():  # end of a stage: all ranks meet; the group lives until run() ends (re-creating it hung torchrun)
-    if dist.is_initialized():
-        dist.barrier()
+    return dist.barrier() if dist.is_initialized() else None
 
 def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
@@ -78,7 +79,6 @@ class Logger:
             old = open(self.path).readlines() if resume and os.path.exists(self.path) else []
             with open(self.path, "w") as f:
                 f.writelines(r for r in old if r.endswith("\n") and json.loads(r)["step"] <= resume)
-
     def __call__(self, step, quiet=False, **metrics):
         if not self.master:
             return
@@ -114,14 +114,11 @@ class Attention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.h, self.q, self.kv, self.out = heads, nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-
-    def split(self, x):  # (B, T, D) -> (B, H, T, D/H)
+    def split(self, x):  # (B, T, D) -> (B, H, T, D/H); not einops: ~20 calls per sampled token, each 2x slower
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
-
     def memory_kv(self, mem):  # cross-attention K/V of the encoder output, computed once per image
         k, v = self.kv(mem).chunk(2, -1)
         return self.split(k), self.split(v)
-
     def forward(self, x, kv=None, causal=False, cache=None, pos=0):
         B, T, D = x.shape
         q = self.split(self.q(x))
@@ -141,7 +138,6 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
         self.lnc, self.cross = (nn.LayerNorm(d), Attention(d, heads)) if cross else (None, None)
         self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
     def forward(self, x, mem_kv=None, causal=False, cache=None, pos=0):
         x = x + self.attn(self.ln1(x), causal=causal, cache=cache, pos=pos)
         if self.cross is not None:
@@ -164,9 +160,8 @@ class ViT(nn.Module):
         yy, xx = (t.flatten() * 4 for t in torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"))
         self.pos = nn.Parameter(torch.cat([sincos(yy, d // 2), sincos(xx, d // 2)], 1)[None])
         self.blocks, self.ln = nn.ModuleList(Block(d, c["heads"]) for _ in range(c["enc_depth"])), nn.LayerNorm(d)
-
     def forward(self, img):  # (B, C, H, W) -> (B, N, D)
-        x = self.patch(img).flatten(2).transpose(1, 2) + self.pos
+        x = rearrange(self.patch(img), "b d gh gw -> b (gh gw) d") + self.pos
         for b in self.blocks:
             x = b(x)
         return self.ln(x)
@@ -180,7 +175,6 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d, c["heads"], cross=True) for _ in range(c["dec_depth"]))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, c["vocab"])
         self.head.weight = self.tok.weight  # tied: whatever structure the embeddings have, the outputs share
-
     def forward(self, tokens, mem_kv, caches=None, pos=0):  # tokens (B, T) -> logits (B, T, V)
         x = self.tok(tokens) + self.pos[:, pos:pos + tokens.shape[1]]
         for i, b in enumerate(self.blocks):
@@ -191,12 +185,10 @@ class EncoderDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.encoder, self.decoder = cfg, ViT(cfg), Decoder(cfg)
-
     def memory_kv(self, images, repeat=1):
         """Encoder once per image, cross-attention K/V once per layer, then repeated per sample."""
         mem = self.encoder(images)
         return [tuple(t.repeat_interleave(repeat, 0) for t in b.cross.memory_kv(mem)) for b in self.decoder.blocks]
-
     def forward(self, images, tokens, allowed=None):
         """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image ->
         logits (B*R, L, V) predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): grammar, as in sample."""
@@ -230,6 +222,13 @@ def load_timm_encoder(model, path):
         enc.load_state_dict(new)
     except (KeyError, RuntimeError, AttributeError) as e:
         raise UserError(f"{path}: not a ViT for this --model / image size ({str(e).strip().splitlines()[-1][:150]})")
+
+def init_encoder(raw, args, task):
+    """A new mle model's ViT: --init_encoder, else --stage encoder's output (synthetic world only), else random."""
+    enc = os.path.join(args.out_dir, task, "encoder", "encoder.pt")
+    if enc := args.init_encoder or (enc if os.path.exists(enc) and args.data == "synthetic" else ""):
+        load_timm_encoder(raw, enc)
+    print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
 
 # -----------------------------------------------------------------------------
 # sampling: encoder once, cross-attention K/V once, self-attention KV cache
@@ -367,6 +366,31 @@ def load_ckpt(path, task):
         raise UserError(f"{path}: a checkpoint of task '{ck.get('task')}', not '{task}'")
     return ck
 
+def fingerprint(state):
+    """sha1 of a state dict's tensors: which checkpoint a stage started from (recorded in its meta["start"])."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode() + state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+def eval_checkpoints(out_dir, task):
+    """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward that exist. reward and mle_cont are
+    put side by side only if both started from the mle checkpoint here, mle_cont at the reward stage's lr / steps."""
+    paths = {n: os.path.join(out_dir, task, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
+    cks = {n: (q, load_ckpt(q, task)) for n, q in paths.items() if os.path.exists(q)}
+    if not cks:
+        raise UserError(f"no checkpoint under {os.path.join(out_dir, task)}: run --stage mle first")
+    start = fingerprint(cks["mle"][1]["model"]) if "mle" in cks else None
+    for n, (q, ck) in cks.items():
+        if n != "mle" and start and ck["meta"].get("start") != start:
+            raise UserError(f"{q}: did not start from {paths['mle']} (--init? mle retrained?): re-run --stage {n}")
+    if "reward" in cks and "mle_cont" in cks:
+        was, now = ({k: ck["args"].get(k) for k in CONTROL} | {"steps": ck["step"]} for _, ck in
+                    (cks["reward"], cks["mle_cont"]))
+        if was != now:
+            raise UserError(f"{paths['mle_cont']}: not the reward stage's control ({now}; reward: {was}): re-run it")
+    return cks
+
 def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
     if image_size and cfg["image_size"] != image_size:  # else a shape error deep in the position embedding
         raise UserError(f"{path}: a model of {cfg['image_size']} px images, this run has {image_size} (--tiny?)")
@@ -377,6 +401,30 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
         except RuntimeError as e:
             raise UserError(f"{path}: weights do not fit the model ({str(e).splitlines()[1].strip()[:120]})")
     return model.to(device)
+
+CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
+
+def stage_flags(args, preset, stage, given, task):
+    """Set this stage's --steps / --lr / --warmup / --wd and schedule: the flags in `given` (None: not given), else
+    the preset's enc_ / mle_ / reward_ values. mle_cont, the fair control, copies the reward stage's (read from its
+    checkpoint, steps included), so the loss is the only difference between the two rows."""
+    if stage == "mle_cont":
+        path = os.path.join(args.out_dir, task, "reward", "ckpt.pt")  # missing: one line, run the reward stage first
+        ck = load_ckpt(path, task)
+        was = {k: ck["args"].get(k) for k in CONTROL} | {"steps": ck["step"]}
+        if bad := [k for k, v in given.items() if v is not None and v != was[k]]:
+            raise UserError(f"--stage mle_cont runs at the reward stage's {', '.join(f'--{k} {was[k]}' for k in bad)} "
+                            f"({path}): drop those flags")
+        for k, v in was.items():
+            setattr(args, k, v)
+        return print0(f"mle_cont, as {path}: " + ", ".join(f"{k} {v}" for k, v in was.items()))
+    kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
+    for k, v in given.items():
+        setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
+    args.schedule = "constant" if stage == "reward" else "cosine"
+    if stage == "reward" and args.baseline == "none" and args.temperature != 1:  # README: REINFORCE at T != 1
+        raise UserError(f"--baseline none with --temperature {args.temperature}: the gradient of the untempered "
+                        "log p is then biased towards the tempered policy whatever the reward; use a baseline or T 1")
 
 def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
@@ -393,6 +441,8 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
             raise UserError(f"{path}: made with {diff}; resume with the same flags")
         print0(f"resuming {path} at step {start}")
+    elif init_state is not None:  # which checkpoint this stage tuned: eval pairs reward and mle_cont by it
+        meta = dict(meta, start=fingerprint(init_state))
     raw = build_model(cfg, device, init_state, path if start else args.init or f"{stage}'s start", args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
     if opt_state is not None:
@@ -447,10 +497,22 @@ class StepSampler:
             raise UserError(f"--batch_size {global_batch} is not divisible by {world} processes")
         self.args, self.range = (n, global_batch, seed), range(start, steps)
         self.slice = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-
     def __iter__(self):
         for step in self.range:
             yield step_indices(*self.args, step)[self.slice].tolist()
+
+def open_rgb(item):
+    """An item's image as a PIL RGB image: the synthetic world's array, or its file (a bad file is one line).
+    16-bit grayscale is rescaled to 8 bits (convert("RGB") clips it: nearly every pixel white)."""
+    if "image" in item:
+        return Image.fromarray(item["image"])
+    try:
+        with Image.open(item["file"]) as im:
+            if im.mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I, int32, in older Pillows): 0..65535
+                return Image.fromarray((np.asarray(im, np.float64) / 257).round().astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except OSError as e:  # readable() checked a PNG's chunks, not its pixels
+        raise UserError(f"{item['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
 
 def readable(items, what):
     """Real data: drop items whose "file" / "png" do not decode or differ from "size" (EXIF rotation?), with a count."""
@@ -483,13 +545,14 @@ CATEGORIES = [dict(id=i + 1, name=n, isthing=1) for i, n in enumerate(THINGS)] +
 # Thing colours: CIE Lab L* = 62, chroma 42 at the hue angles of HUES, in sRGB (colorize.lab_to_srgb). One
 # lightness: in gray they all look alike, so an object's hue cannot be read from its gray level (as on real photos).
 HUES = {"red": 30, "orange": 65, "yellow": 95, "green": 140, "teal": 195, "blue": 265, "purple": 320}
-COLORS = {n: np.array(v) for n, v in {"red": (0.8585646099421423, 0.4817199147733004, 0.4493683771828931),
-          "orange": (0.7763624593337076, 0.5357610919850961, 0.32403620969940183),
-          "yellow": (0.6537037303339612, 0.5872326645219655, 0.2890659506021929),
-          "green": (0.41123126734449467, 0.6423686504779726, 0.39374843554747735),
-          "teal": (0.0, 0.6631337420346136, 0.6581719443514065),
-          "blue": (0.28668553959339804, 0.6099798213767353, 0.8767474758066823),
-          "purple": (0.7211638083156409, 0.5124824835587496, 0.776592719348732)}.items()}
+COLORS = {n: np.array(v) for n, v in {
+    "red": (0.8585646099421423, 0.4817199147733004, 0.4493683771828931),
+    "orange": (0.7763624593337076, 0.5357610919850961, 0.32403620969940183),
+    "yellow": (0.6537037303339612, 0.5872326645219655, 0.2890659506021929),
+    "green": (0.41123126734449467, 0.6423686504779726, 0.39374843554747735),
+    "teal": (0.0, 0.6631337420346136, 0.6581719443514065),
+    "blue": (0.28668553959339804, 0.6099798213767353, 0.8767474758066823),
+    "purple": (0.7211638083156409, 0.5124824835587496, 0.776592719348732)}.items()}
 STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.30, 0.55, 0.25),
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
 
@@ -561,10 +624,10 @@ def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
     path = os.path.join(args.out_dir, task, "encoder", "encoder.pt")
     if args.resume and os.path.exists(path):
         return print0(f"{path} exists: encoder stage skipped (--resume)")
-    P, g, C, n = cfg["patch"], cfg["image_size"] // cfg["patch"], len(CATEGORIES) + 1, len(scenes)
+    P, C, n = cfg["patch"], len(CATEGORIES) + 1, len(scenes)
     sem = torch.from_numpy(np.stack([np.select([s["panoptic"] == x["id"] for x in s["segments"]], [  # (N, S, S)
         x["category_id"] for x in s["segments"]]).astype(np.uint8) for s in scenes]))  # pixel classes, 0 = void
-    sem = sem.view(n, g, P, g, P).transpose(2, 3).reshape(n, g * g, P * P)  # token order: (N, T, P * P)
+    sem = rearrange(sem, "n (gh p) (gw q) -> n (gh gw) (p q)", p=P, q=P)  # each patch token's pixels
     imgs = torch.from_numpy(np.stack([s["image"] for s in scenes])).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
     raw = nn.Sequential(ViT(cfg), nn.Linear(cfg["width"], C * P * P)).to(device)  # (B, N, D) -> (B, N, C * P * P)
     model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw

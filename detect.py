@@ -42,14 +42,17 @@ PRESETS = {
                  mle_steps=10000, mle_lr=1e-4, mle_warmup=1000, mle_wd=0.0, reward_steps=100000, reward_lr=1e-6,
                  reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0),
 }
-TINY = dict(dec_layers=2, image_size=32, max_boxes=8, batch_size=8, mle_steps=30, reward_steps=10, eval_images=16,
-            num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, enc_steps=10, enc_warmup=2)
+TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, max_boxes=8, batch_size=8, mle_steps=30,
+            reward_steps=10, eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, enc_steps=10,
+            enc_warmup=2)
+# --tiny with any --data: the tiny model and resolution too (on COCO the preset's B/16 at 1280 px is 6 s a step)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
-                    "ViT); mle: pretrain; reward: tune from out/detect/mle; mle_cont: the fair control, MLE for as "
-                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+                    "ViT); mle: pretrain; reward: tune from out/detect/mle; mle_cont: the fair control, MLE from the "
+                    "same start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: "
+                    "every checkpoint side by side; all: each in turn")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/instances_<split>.json and <split>/ images")
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
@@ -67,7 +70,7 @@ p.add_argument("--image_size", type=int, default=None, help="square input resolu
 p.add_argument("--max_boxes", type=int, default=None, help="box slots per sequence, 6 tokens each (COCO: 100)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
-p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
 p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
@@ -197,11 +200,7 @@ class Boxes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         it = self.items[i]
-        try:
-            img = Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])
-            img = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR), np.float32)
-        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
-            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
+        img = np.asarray(common.open_rgb(it).resize((self.size, self.size), Image.BILINEAR), np.float32)
         return i, torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1, torch.from_numpy(it["boxes"]), \
             torch.tensor(it["labels"], dtype=torch.long)
 
@@ -415,11 +414,7 @@ def train(args, stage):
         with torch.no_grad():  # coordinate levels start as sin-cos of their value: level 437 looks like 438
             raw.decoder.tok.weight[COORD0:COORD0 + LEVELS + 1] = 0.03 * common.sincos(torch.arange(LEVELS + 1) / 4,
                                                                                      cfg["width"]).to(device)
-        enc = args.init_encoder or os.path.join(args.out_dir, "detect", "encoder", "encoder.pt")
-        enc = enc if args.init_encoder or (os.path.exists(enc) and args.data == "synthetic") else ""
-        if enc:
-            common.load_timm_encoder(raw, enc)
-        common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
+        common.init_encoder(raw, args, "detect")
     allowed, sample_allowed = grammar(args.max_boxes, nc).to(device), grammar(args.max_boxes, nc, (2,)).to(device)
     log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
@@ -430,7 +425,7 @@ def train(args, stage):
     mb = args.micro_batch or b
     for step, (idx, imgs, boxes, labels) in enumerate(tqdm(loader, disable=not master, initial=start,
                                                            total=args.steps, desc=stage), start):
-        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, args.schedule)
         pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
         imgs = imgs.to(device)
 
@@ -487,7 +482,7 @@ def train(args, stage):
 
 def draw(item, size, boxes=(), color="red", scale=4):
     """Image with boxes [(x0, y0, x1, y1, label)] in original-image pixels."""
-    img = (Image.fromarray(item["image"]) if "image" in item else Image.open(item["file"])).convert("RGB")
+    img = common.open_rgb(item)
     sx, sy = size * scale / item["w"], size * scale / item["h"]
     img = img.resize((size * scale, size * scale), Image.NEAREST)
     d = ImageDraw.Draw(img)
@@ -506,20 +501,14 @@ def evaluate(args):
     out = os.path.join(args.out_dir, "detect", "eval")
     os.makedirs(out, exist_ok=True)
     rows, preds = {}, {}
-    for name in ["mle", "mle_cont", "reward"]:
-        path = os.path.join(args.out_dir, "detect", name, "ckpt.pt")
-        if not os.path.exists(path):
-            continue
-        ck = fits(common.load_ckpt(path, "detect"), path, vocab=CLS0 + len(meta["classes"]) + 1,
-                  image_size=args.image_size)  # its own max_boxes: the grammar comes from its meta
+    for name, (path, ck) in common.eval_checkpoints(args.out_dir, "detect").items():
+        fits(ck, path, vocab=CLS0 + len(meta["classes"]) + 1, image_size=args.image_size)  # max_boxes: from its meta
         model = common.build_model(ck["config"], device, ck["model"], path)
         m, res, _ = evaluate_model(model, va, gt, dict(ck["meta"], reward=args.reward), device, args.eval_images)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "2500+300" = MLE steps + this stage's
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
         with open(os.path.join(out, f"results_{name}.json"), "w") as f:
             json.dump(res, f)
-    if not rows:
-        raise UserError(f"no checkpoint under {os.path.join(args.out_dir, 'detect')}: run --stage mle first")
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
     table = ["| model | steps | AP | AP50 | AP75 | AR@100 | reward | boxes/img |", "|---" * 8 + "|"]
@@ -558,11 +547,7 @@ def main():
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
-        for k, v in given.items():
-            setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
-        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
-            args.steps = given["steps"] or preset["reward_steps"]
+        common.stage_flags(args, preset, stage, given, "detect")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":
