@@ -36,11 +36,12 @@ PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
                       mle_steps=2000, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=1e-5,
                       reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500,
-                      enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
+                      enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, missed=0.3, box_noise=0.0),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=1280, max_boxes=100, batch_size=256,
                  mle_steps=10000, mle_lr=1e-4, mle_warmup=1000, mle_wd=0.0, reward_steps=100000, reward_lr=1e-6,
-                 reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0),
+                 reward_warmup=1000, reward_wd=0.0, samples=2, eval_images=5000, num_train=0, num_val=0,
+                 missed=0.0, box_noise=0.0),
 }
 TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, max_boxes=8, batch_size=8, mle_steps=30,
             reward_steps=10, eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, enc_steps=10,
@@ -58,6 +59,10 @@ p.add_argument("--data_dir", default="", help="COCO root: annotations/instances_
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
 p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
 p.add_argument("--max_things", type=int, default=None, help="synthetic world: at most this many objects per scene (6)")
+p.add_argument("--missed", type=float, default=None, help="synthetic annotator: each object left unannotated with "
+               "this probability, in both splits, as COCO's annotators miss objects (preset); the truth keeps them")
+p.add_argument("--box_noise", type=float, default=None,
+               help="synthetic annotator: each annotated box edge moves by N(0, this x the box's size) (preset: 0)")
 p.add_argument("--radius", type=float, nargs=2, default=None,
                help="synthetic world: object radius range, x image size (0.1 0.25)")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/detect/<stage>/")
@@ -139,20 +144,41 @@ def grammar(max_boxes, num_classes, conf=(1, 2)):
     return a.repeat(max_boxes, 1)
 
 
-def load_synthetic(split, n, size, seed, **scene):
+def annotate(things, rng, missed, box_noise, size):
+    """The synthetic annotator, as COCO's miss objects (Pix2seq: the cause of a conservative MLE model): each object
+    is left out with probability `missed`, each kept box's x / y edges move by N(0, box_noise x its width / height).
+    -> [(box [x0, y0, x1, y1] pixels, label, area)] of the annotated objects."""
+    out = []
+    for t in things:
+        keep, e = rng.random() >= missed, rng.normal(0, box_noise, 4)  # drawn for every object: P changes no noise
+        if keep:
+            (x0, y0, x1, y1), w, h = t["box"].tolist(), t["box"][2] - t["box"][0], t["box"][3] - t["box"][1]
+            x0, x1 = sorted(np.clip([x0 + e[0] * w, x1 + e[2] * w], 0, size).tolist())
+            y0, y1 = sorted(np.clip([y0 + e[1] * h, y1 + e[3] * h], 0, size).tolist())
+            out.append((np.array([x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)], np.float32), t["label"], t["area"]))
+    return out
+
+
+def load_synthetic(split, n, size, seed, missed=0.0, box_noise=0.0, **scene):
+    """-> items (boxes / labels: the annotations, what training and the reward see; true_boxes / true_labels: every
+    object, exact), the annotations' GT dict and the truth's (for COCOeval)."""
     scenes = common.synthetic_world(split, n, size, seed, **scene)
-    items, gt = [], dict(images=[], annotations=[], categories=[dict(id=i + 1, name=c) for i, c in
-                                                                 enumerate(common.THINGS)])
+    cats = [dict(id=i + 1, name=c) for i, c in enumerate(common.THINGS)]
+    items, gt, truth = [], dict(images=[], annotations=[], categories=cats), dict(images=[], annotations=[],
+                                                                                  categories=cats)
     for i, s in enumerate(scenes):
-        b = np.array([t["box"] for t in s["things"]], np.float32).reshape(-1, 4)
-        items.append(dict(id=i, image=s["image"], w=size, h=size, labels=[t["label"] for t in s["things"]],
-                          boxes=b[:, [1, 0, 3, 2]] / size))
-        gt["images"].append(dict(id=i, width=size, height=size))
-        gt["annotations"] += [dict(id=len(gt["annotations"]) + j + 1, image_id=i, category_id=t["label"] + 1,
-                                   bbox=[float(t["box"][0]), float(t["box"][1]), float(t["box"][2] - t["box"][0]),
-                                         float(t["box"][3] - t["box"][1])], area=t["area"], iscrowd=0)
-                              for j, t in enumerate(s["things"])]
-    return items, gt
+        rng = np.random.default_rng([seed, {"train": 1, "val": 2}[split], i, 17])  # fixed per scene and seed
+        true = [(t["box"], t["label"], t["area"]) for t in s["things"]]
+        it = dict(id=i, image=s["image"], w=size, h=size)
+        for d, key, objs in [(gt, "", annotate(s["things"], rng, missed, box_noise, size)), (truth, "true_", true)]:
+            b = np.array([o[0] for o in objs], np.float32).reshape(-1, 4)
+            it[key + "boxes"], it[key + "labels"] = b[:, [1, 0, 3, 2]] / size, [o[1] for o in objs]
+            d["images"].append(dict(id=i, width=size, height=size))
+            d["annotations"] += [dict(id=len(d["annotations"]) + j + 1, image_id=i, category_id=int(lab) + 1,
+                                      bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)], area=area,
+                                      iscrowd=0) for j, ((x0, y0, x1, y1), lab, area) in enumerate(objs)]
+        items.append(it)
+    return items, gt, truth
 
 
 def load_coco(data_dir, split):
@@ -211,16 +237,19 @@ def scene_flags(args):
 
 
 def load_data(args):
-    """-> train items, val items, val GT dict, class names, COCO category ids."""
+    """-> train items, val items, val GT dicts {"annotations": ..., "truth": ... (synthetic only)}, class names,
+    COCO category ids."""
     if args.data == "synthetic":
-        tr, _ = load_synthetic("train", args.num_train, args.image_size, args.seed, **scene_flags(args))
-        va, gt = load_synthetic("val", args.num_val, args.image_size, args.seed, **scene_flags(args))
-        return tr, va, gt, list(common.THINGS), list(range(1, len(common.THINGS) + 1))
+        flags = dict(scene_flags(args), missed=args.missed, box_noise=args.box_noise)
+        tr = load_synthetic("train", args.num_train, args.image_size, args.seed, **flags)[0]
+        va, gt, truth = load_synthetic("val", args.num_val, args.image_size, args.seed, **flags)
+        return tr, va, dict(annotations=gt, truth=truth), list(common.THINGS), list(range(1, len(common.THINGS) + 1))
     tr, _, names, cats = load_coco(args.data_dir, args.train_split)
     va, gt, _, val_cats = load_coco(args.data_dir, args.val_split)
     if val_cats != cats:  # a class is an index into the sorted category ids: both splits must list the same
         raise UserError(f"--val_split {args.val_split}: categories {val_cats[:8]}... differ from --train_split's")
-    return common.readable(tr, args.train_split), common.readable(va, args.val_split), gt, names, cats
+    return common.readable(tr, args.train_split), common.readable(va, args.val_split), dict(annotations=gt), names, \
+        cats
 
 
 def collate(batch):
@@ -320,7 +349,7 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
     allowed, read = grammar(meta["max_boxes"], nc, (2,)).to(device), grammar(meta["max_boxes"], nc).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
                                          batch_size=batch_size, collate_fn=collate)
-    results, rewards, nboxes, tokens_all = [], [], [], []
+    results, rewards, nboxes, tokens_all, scores = [], [], [], [], []
     for idx, imgs, boxes, labels in loader:
         imgs = imgs.to(device)
         tok, logp = common.sample(model, imgs, L, temperature=0, allowed=allowed, end_token=0)
@@ -337,8 +366,31 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
                 results.append(dict(image_id=it["id"], category_id=meta["cat_ids"][c], bbox=to_xywh(b, it), score=s))
             nboxes.append(int(pv[j].sum()))
         tokens_all.append(tok)
+        scores.append(score)
     model.train()
-    return results, torch.cat(rewards).mean().item(), float(np.mean(nboxes)), torch.cat(tokens_all)
+    return results, torch.cat(rewards).mean().item(), float(np.mean(nboxes)), torch.cat(tokens_all), torch.cat(scores)
+
+
+def spearman(a, b):
+    """Rank correlation (average ranks for ties); None when either side is constant or has < 2 values."""
+    def rank(x):
+        _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+        return (np.cumsum(cnt) - (cnt - 1) / 2)[inv]
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(rank(np.asarray(a)), rank(np.asarray(b)))[0, 1])
+
+
+def box_checks(tokens, scores, items, key, nc):
+    """What COCOeval does not show, against one set of ground truth (key "" = the annotations, "true_" = the truth):
+    duplicates per image (a box whose same-class GT at IoU > 0.5 another box took) and the Spearman correlation of
+    each box's score with its best IoU against a same-class GT box (is the confidence learned?)."""
+    gb, gl = gt_arrays([torch.from_numpy(it[key + "boxes"]) for it in items],
+                       [torch.tensor(it[key + "labels"], dtype=torch.long) for it in items], tokens.shape[-1] // 6)
+    dups = match(tokens[:, None], dict(gt_boxes=gb, gt_labels=gl), 0.5, [1.0] * nc)[1][:, 0]
+    pb, pl, pv = decode(tokens, nc)
+    iou = (box_iou(pb, gb) * (pl[:, :, None] == gl[:, None, :])).amax(-1)  # (B, P); 0 when no same-class GT
+    return dict(dups_per_image=dups.mean().item(), score_iou_rho=spearman(scores[pv].numpy(), iou[pv].numpy()))
 
 
 def coco_eval(gt, results, img_ids):
@@ -359,10 +411,18 @@ def coco_eval(gt, results, img_ids):
     return dict(AP=100 * E.stats[0], AP50=100 * E.stats[1], AP75=100 * E.stats[2], AR100=100 * E.stats[8])
 
 
-def evaluate_model(model, ds, gt, meta, device, n_images):
-    res, r, nb, tok = predict(model, ds, meta, device, n_images)
-    ids = [ds.items[i]["id"] for i in range(min(n_images, len(ds)))]
-    return dict(coco_eval(gt, res, ids), reward=r, boxes_per_image=nb), res, tok
+def evaluate_model(model, ds, gts, meta, device, n_images):
+    """Greedy predictions scored against the annotations (the headline: what a COCO user measures) and, on the
+    synthetic world, against the truth: flat metrics, the truth's prefixed truth_."""
+    res, r, nb, tok, score = predict(model, ds, meta, device, n_images)
+    items = ds.items[:min(n_images, len(ds))]
+    m = dict(reward=r, boxes_per_image=nb)
+    for name, gt in gts.items():
+        key = "true_" if name == "truth" else ""
+        block = dict(coco_eval(gt, res, [it["id"] for it in items]), **box_checks(tok, score, items, key,
+                                                                                   len(meta["classes"])))
+        m.update({("truth_" if key else "") + k: v for k, v in block.items()})
+    return m, res, tok
 
 
 # -----------------------------------------------------------------------------
@@ -474,7 +534,7 @@ def train(args, stage):
         if master and ((step + 1) % args.ckpt_every == 0 or done):
             common.save_stage(path, "detect", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
-            m = evaluate_model(raw, va, gt, meta, device, args.eval_images)[0]
+            m = evaluate_model(raw, va, gt, meta, device, args.eval_images)[0]  # gt: annotations (+ truth)
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_end_stage()
@@ -511,26 +571,37 @@ def evaluate(args):
             json.dump(res, f)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    table = ["| model | steps | AP | AP50 | AP75 | AR@100 | reward | boxes/img |", "|---" * 8 + "|"]
-    table += [f"| {n} | {r['steps']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | {r['AR100']:.1f} | "
-              f"{r['reward']:.3f} | {r['boxes_per_image']:.2f} |" for n, r in rows.items()]
+    items = va.items[:min(args.eval_images, len(va))]
+    per_image = lambda key: np.mean([len(it[key + "labels"]) for it in items])  # noqa: E731
+    table = [f"held-out {len(items)} images, greedy; {per_image(''):.2f} annotated objects per image" +
+             (f", {per_image('true_'):.2f} true" if "truth" in gt else "")]
+    for key, title in [("", "against the annotations (what a COCO user measures)"),
+                       ("truth_", "against the truth (every object, exact boxes: only the synthetic world knows)")]:
+        if key and "truth" not in gt:
+            continue
+        rho = lambda r: "-" if r[key + "score_iou_rho"] is None else f"{r[key + 'score_iou_rho']:.2f}"  # noqa: E731
+        table += ["", title, "", "| model | steps | AP | AP50 | AP75 | AR@100 | boxes/img | dups/img | score~IoU rho "
+                  "| reward |", "|---" * 10 + "|"]
+        table += [f"| {n} | {r['steps']} | {r[key + 'AP']:.1f} | {r[key + 'AP50']:.1f} | {r[key + 'AP75']:.1f} | "
+                  f"{r[key + 'AR100']:.1f} | {r['boxes_per_image']:.2f} | {r[key + 'dups_per_image']:.2f} | "
+                  f"{rho(r)} | {'' if key else format(r['reward'], '.3f')} |" for n, r in rows.items()]
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
-    # picture: ground truth, then every box each model predicts, labelled with class and score
-    grid = []
+    # picture: the truth (synthetic), the annotations, then every box each model predicts, with class and score
+    grid, truth = [], "truth" in gt
     for i in range(min(8, len(va))):
-        it = va.items[i]
-        gtb = [(x, y, x + w, y + h, meta["classes"][c])
-               for (x, y, w, h), c in zip([to_xywh(b, it) for b in it["boxes"].tolist()], it["labels"])]
-        row = [draw(it, args.image_size, gtb, "lime")]
+        it, row = va.items[i], []
+        for key in ["true_", ""][not truth:]:
+            row.append(draw(it, args.image_size, [(x, y, x + w, y + h, meta["classes"][c]) for (x, y, w, h), c in zip(
+                [to_xywh(b, it) for b in it[key + "boxes"].tolist()], it[key + "labels"])], "lime"))
         for name, res in preds.items():
             bx = [(r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3],
                    f"{meta['classes'][meta['cat_ids'].index(r['category_id'])]} {r['score']:.2f}") for r in res
                   if r["image_id"] == it["id"]]
             row.append(draw(it, args.image_size, bx, "red"))
         grid.append(row)
-    common.save_grid(grid, ["ground truth"] + list(preds), os.path.join(out, "grid.png"), scale=1)
+    common.save_grid(grid, ["truth"] * truth + ["annotations"] + list(preds), os.path.join(out, "grid.png"), scale=1)
     print(f"wrote {out}/metrics.json, table.md, results_*.json, grid.png")
 
 
@@ -539,8 +610,10 @@ def main():
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
     if args.data == "coco" and not args.data_dir:
         raise UserError("--data coco needs --data_dir")
+    if args.data != "synthetic" and (args.missed or args.box_noise):
+        raise UserError("--missed / --box_noise make the synthetic world's annotator; real data has its own")
     for k in ["model", "patch", "dec_layers", "image_size", "max_boxes", "batch_size", "samples",
-              "eval_images", "num_train", "num_val"]:
+              "eval_images", "num_train", "num_val", "missed", "box_noise"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
