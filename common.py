@@ -34,8 +34,7 @@ def run(main):
         print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
         sys.exit(130)
     finally:  # also after --stop_at's SystemExit: every exit path releases the process group
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _ = dist.is_initialized() and dist.destroy_process_group()
 
 def ddp_setup():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
@@ -63,10 +62,8 @@ def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is sl
 def replica_checksums(model):
     """Sum of all weights on every rank (a list, one per rank): equal when DDP kept replicas in sync."""
     s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    if not dist.is_initialized():
-        return s.tolist()
-    out = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, s)
+    out = [torch.zeros_like(s) for _ in range(dist.get_world_size())] if dist.is_initialized() else [s]
+    _ = dist.is_initialized() and dist.all_gather(out, s)
     return [float(x) for x in out]
 
 # -----------------------------------------------------------------------------
@@ -79,6 +76,7 @@ class Logger:
             old = open(self.path).readlines() if resume and os.path.exists(self.path) else []
             with open(self.path, "w") as f:
                 f.writelines(r for r in old if r.endswith("\n") and json.loads(r)["step"] <= resume)
+
     def __call__(self, step, quiet=False, **metrics):
         if not self.master:
             return
@@ -91,8 +89,7 @@ class Logger:
                                                     for k, v in rec.items() if k not in ("step", "time")]))
 
 def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
+    return print(*a, **k, flush=True) if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 # -----------------------------------------------------------------------------
 # models: ViT encoder (pre-LN), autoregressive decoder with cross-attention
@@ -114,11 +111,14 @@ class Attention(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.h, self.q, self.kv, self.out = heads, nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
     def split(self, x):  # (B, T, D) -> (B, H, T, D/H); not einops: ~20 calls per sampled token, each 2x slower
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
+
     def memory_kv(self, mem):  # cross-attention K/V of the encoder output, computed once per image
         k, v = self.kv(mem).chunk(2, -1)
         return self.split(k), self.split(v)
+
     def forward(self, x, kv=None, causal=False, cache=None, pos=0):
         B, T, D = x.shape
         q = self.split(self.q(x))
@@ -138,6 +138,7 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads)
         self.lnc, self.cross = (nn.LayerNorm(d), Attention(d, heads)) if cross else (None, None)
         self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
     def forward(self, x, mem_kv=None, causal=False, cache=None, pos=0):
         x = x + self.attn(self.ln1(x), causal=causal, cache=cache, pos=pos)
         if self.cross is not None:
@@ -160,6 +161,7 @@ class ViT(nn.Module):
         yy, xx = (t.flatten() * 4 for t in torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"))
         self.pos = nn.Parameter(torch.cat([sincos(yy, d // 2), sincos(xx, d // 2)], 1)[None])
         self.blocks, self.ln = nn.ModuleList(Block(d, c["heads"]) for _ in range(c["enc_depth"])), nn.LayerNorm(d)
+
     def forward(self, img):  # (B, C, H, W) -> (B, N, D)
         x = rearrange(self.patch(img), "b d gh gw -> b (gh gw) d") + self.pos
         for b in self.blocks:
@@ -175,6 +177,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d, c["heads"], cross=True) for _ in range(c["dec_depth"]))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, c["vocab"])
         self.head.weight = self.tok.weight  # tied: whatever structure the embeddings have, the outputs share
+
     def forward(self, tokens, mem_kv, caches=None, pos=0):  # tokens (B, T) -> logits (B, T, V)
         x = self.tok(tokens) + self.pos[:, pos:pos + tokens.shape[1]]
         for i, b in enumerate(self.blocks):
@@ -185,10 +188,12 @@ class EncoderDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.encoder, self.decoder = cfg, ViT(cfg), Decoder(cfg)
+
     def memory_kv(self, images, repeat=1):
         """Encoder once per image, cross-attention K/V once per layer, then repeated per sample."""
         mem = self.encoder(images)
         return [tuple(t.repeat_interleave(repeat, 0) for t in b.cross.memory_kv(mem)) for b in self.decoder.blocks]
+
     def forward(self, images, tokens, allowed=None):
         """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image ->
         logits (B*R, L, V) predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): grammar, as in sample."""
@@ -210,14 +215,12 @@ def load_timm_encoder(model, path):
             pos = F.interpolate(pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2), (g1, g1), mode="bilinear")
             pos = pos.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)
         new["pos"] = pos
-        for i in range(len(enc.blocks)):
-            p = f"blocks.{i}."
-            for a, b in [("norm1", "ln1"), ("norm2", "ln2"), ("attn.proj", "attn.out"), ("mlp.fc1", "mlp.0"),
-                         ("mlp.fc2", "mlp.2")]:
-                new[p + b + ".weight"], new[p + b + ".bias"] = sd[p + a + ".weight"], sd[p + a + ".bias"]
-            for s in ("weight", "bias"):  # timm's fused qkv -> our q and kv
-                qkv = sd[p + "attn.qkv." + s]
-                new[p + "attn.q." + s], new[p + "attn.kv." + s] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
+        names = [("norm1", "ln1"), ("norm2", "ln2"), ("attn.proj", "attn.out"), ("mlp.fc1", "mlp.0"),
+                 ("mlp.fc2", "mlp.2")]
+        for p, s in [(f"blocks.{i}.", s) for i in range(len(enc.blocks)) for s in ("weight", "bias")]:
+            new |= {f"{p}{b}.{s}": sd[f"{p}{a}.{s}"] for a, b in names}
+            qkv = sd[f"{p}attn.qkv.{s}"]  # timm's fused qkv -> our q and kv
+            new[f"{p}attn.q.{s}"], new[f"{p}attn.kv.{s}"] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
         enc.load_state_dict(new)
     except (KeyError, RuntimeError, AttributeError) as e:
@@ -345,10 +348,10 @@ def set_lr(opt, step, base, warmup, total, schedule):
 
 # -----------------------------------------------------------------------------
 # checkpoints: one dict from the raw model, written atomically, loaded with weights_only
-def save_ckpt(path, **obj):
+def save_ckpt(path, **obj):  # atomic: a kill mid-write leaves the previous checkpoint intact
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    os.replace(path + ".tmp", path)
 
 def torch_load(path):
     if not os.path.isfile(path):
@@ -366,29 +369,26 @@ def load_ckpt(path, task):
         raise UserError(f"{path}: a checkpoint of task '{ck.get('task')}', not '{task}'")
     return ck
 
-def fingerprint(state):
-    """sha1 of a state dict's tensors: which checkpoint a stage started from (recorded in its meta["start"])."""
+def fingerprint(state):  # sha1 of a state dict's tensors: which checkpoint a stage started from (its meta["start"])
     h = hashlib.sha1()
     for k in sorted(state):
-        h.update(k.encode() + state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(k.encode() + state[k].cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
 
 def eval_checkpoints(out_dir, task):
     """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward that exist. reward and mle_cont are
     put side by side only if both started from the mle checkpoint here, mle_cont at the reward stage's lr / steps."""
     paths = {n: os.path.join(out_dir, task, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
-    cks = {n: (q, load_ckpt(q, task)) for n, q in paths.items() if os.path.exists(q)}
-    if not cks:
+    if not (cks := {n: (q, load_ckpt(q, task)) for n, q in paths.items() if os.path.exists(q)}):
         raise UserError(f"no checkpoint under {os.path.join(out_dir, task)}: run --stage mle first")
     start = fingerprint(cks["mle"][1]["model"]) if "mle" in cks else None
     for n, (q, ck) in cks.items():
         if n != "mle" and start and ck["meta"].get("start") != start:
             raise UserError(f"{q}: did not start from {paths['mle']} (--init? mle retrained?): re-run --stage {n}")
-    if "reward" in cks and "mle_cont" in cks:
-        was, now = ({k: ck["args"].get(k) for k in CONTROL} | {"steps": ck["step"]} for _, ck in
-                    (cks["reward"], cks["mle_cont"]))
-        if was != now:
-            raise UserError(f"{paths['mle_cont']}: not the reward stage's control ({now}; reward: {was}): re-run it")
+    was, now = ({k: cks[n][1]["args"].get(k) for k in CONTROL} | {"steps": cks[n][1]["step"]} if n in cks else None
+                for n in ("reward", "mle_cont"))
+    if was and now and was != now:
+        raise UserError(f"{paths['mle_cont']}: not the reward stage's control ({now}; reward: {was}): re-run it")
     return cks
 
 def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
@@ -405,9 +405,8 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 
 def stage_flags(args, preset, stage, given, task):
-    """Set this stage's --steps / --lr / --warmup / --wd and schedule: the flags in `given` (None: not given), else
-    the preset's enc_ / mle_ / reward_ values. mle_cont, the fair control, copies the reward stage's (read from its
-    checkpoint, steps included), so the loss is the only difference between the two rows."""
+    """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule.
+    mle_cont, the fair control, copies the reward stage's from its checkpoint: the loss is the only difference."""
     if stage == "mle_cont":
         path = os.path.join(args.out_dir, task, "reward", "ckpt.pt")  # missing: one line, run the reward stage first
         ck = load_ckpt(path, task)
@@ -415,13 +414,11 @@ def stage_flags(args, preset, stage, given, task):
         if bad := [k for k, v in given.items() if v is not None and v != was[k]]:
             raise UserError(f"--stage mle_cont runs at the reward stage's {', '.join(f'--{k} {was[k]}' for k in bad)} "
                             f"({path}): drop those flags")
-        for k, v in was.items():
-            setattr(args, k, v)
+        vars(args).update(was)
         return print0(f"mle_cont, as {path}: " + ", ".join(f"{k} {v}" for k, v in was.items()))
     kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
-    for k, v in given.items():
-        setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
-    args.schedule = "constant" if stage == "reward" else "cosine"
+    vars(args).update({k: preset.get(f"{kind}_{k}") if v is None else v for k, v in given.items()},
+                      schedule="constant" if stage == "reward" else "cosine")
     if stage == "reward" and args.baseline == "none" and args.temperature != 1:  # README: REINFORCE at T != 1
         raise UserError(f"--baseline none with --temperature {args.temperature}: the gradient of the untempered "
                         "log p is then biased towards the tempered policy whatever the reward; use a baseline or T 1")
@@ -497,6 +494,7 @@ class StepSampler:
             raise UserError(f"--batch_size {global_batch} is not divisible by {world} processes")
         self.args, self.range = (n, global_batch, seed), range(start, steps)
         self.slice = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
+
     def __iter__(self):
         for step in self.range:
             yield step_indices(*self.args, step)[self.slice].tolist()
@@ -521,11 +519,11 @@ def readable(items, what):
             with Image.open(f) as im:
                 if size and im.size != tuple(size):
                     return False
-                if im.format != "JPEG":
-                    return im.verify() is None  # PNG: checks every chunk's CRC
-                im.draft("RGB", (1, 1))  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
-                im.load()
-            return True
+                if im.format == "JPEG":  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
+                    im.draft("RGB", (1, 1))
+                    im.load()
+                    return True
+                return im.verify() is None  # PNG: checks every chunk's CRC
         except Exception:
             return False
     ok = [it for it in items if all(decodes(it[k], it.get("size")) for k in ("file", "png") if k in it)]

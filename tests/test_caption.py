@@ -205,7 +205,10 @@ def test_tiny_runs_every_stage(tmp_path):
     assert any("reward" in r and "adv_std" in r for r in map(json.loads, open(tmp_path / "caption/reward/log.jsonl")))
     out = tmp_path / "caption" / "eval"
     m = json.load(open(out / "metrics.json"))
-    assert set(m) == {"mle", "mle_cont", "reward"} and all(r["length"] <= 20 for r in m.values())
+    # no range on the length (<= --max_len 20 cannot fail), and no "reward rises": at --tiny scale (10 steps) the
+    # mean sampled reward of steps 1-5 vs 6-10 fell for seeds 0 and 1 and rose for seed 2 (issue 20)
+    assert set(m) == {"mle", "mle_cont", "reward"} and all({"CIDEr", "length"} <= set(r) for r in m.values())
+    assert m["mle"]["steps"] == "30" and m["reward"]["steps"] == m["mle_cont"]["steps"] == "30+10"  # fair control
     res = json.load(open(out / "captions_reward.json"))
     assert len(res) == 16 and all(set(r) == {"image_id", "caption"} for r in res)
     assert "| reward |" in p.stdout and os.path.getsize(out / "grid.png") > 1000

@@ -203,3 +203,156 @@ def test_model_name_errors_are_user_errors(bad):
     with pytest.raises(common.UserError, match="unknown size"):
         common.model_config(bad, 224, 10, 5, 0, 2)
     assert common.model_config("B/16", 224, 10, 5, 0, 2)["patch"] == 16
+
+
+# -----------------------------------------------------------------------------
+# issue 20: tests that bite (each was checked to fail under a one-line mutation of common.py)
+class FixedLogits(torch.nn.Module):
+    """A policy whose teacher-forced logits are a fixed leaf tensor (N, L_max, V): reinforce_loss's gradient into
+    each position's logits can be read off directly."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, images, tokens, allowed=None):
+        return self.logits[:tokens.shape[0], :tokens.shape[1]]
+
+
+def test_reinforce_loss_masks_the_tail_and_scales_by_one_over_L():
+    torch.manual_seed(0)
+    B, K, L, V = 2, 2, 5, 7
+    pol = FixedLogits(torch.randn(B * K, 2 * L, V))
+    tokens = torch.randint(0, V, (B, K, L))
+    lengths = torch.tensor([[5, 3], [1, 4]])  # positions t < length were actions
+    mask = torch.arange(L) < lengths[..., None]
+    rewards = torch.tensor([[1.0, 3.0], [0.0, 4.0]])
+    adv = torch.tensor([-2.0, 2.0, -4.0, 4.0])  # loo, K = 2: r - the other sample's reward, by hand
+    loss, *_ = common.reinforce_loss(pol, torch.zeros(B), tokens, rewards, mask, "loo", "all")
+    # independent: -mean_i adv_i * sum_t mask_it log p_it / L, log p from log_softmax of the same logits
+    lp = torch.log_softmax(pol.logits.detach()[:, :L], -1).gather(-1, tokens.reshape(B * K, L, 1))[..., 0]
+    want = -(adv * (lp * mask.reshape(B * K, L)).sum(-1)).mean() / L
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    g = pol.logits.grad[:, :L]
+    m = mask.reshape(B * K, L)
+    assert (g[~m] == 0).all() and (g[m].abs().sum(-1) > 1e-4).all()  # masked positions: exactly no gradient
+    other = torch.where(mask, tokens, (tokens + 3) % V)  # other tokens in the masked tail: the same loss
+    assert not torch.equal(other, tokens)
+    assert torch.equal(common.reinforce_loss(pol, torch.zeros(B), other, rewards, mask, "loo", "all")[0], loss)
+    # twice the length, the extra tail not actions: the same sum of log p over 2L positions, half the loss
+    long_tok = torch.cat([tokens, torch.randint(0, V, (B, K, L))], -1)
+    long_mask = torch.cat([mask, torch.zeros(B, K, L, dtype=torch.bool)], -1)
+    loss2 = common.reinforce_loss(pol, torch.zeros(B), long_tok, rewards, long_mask, "loo", "all")[0]
+    torch.testing.assert_close(loss2, loss / 2, atol=1e-6, rtol=1e-6)
+
+
+class FixedPolicy:
+    """What sample() reads of a model (cfg, memory_kv, decoder): every step's logits are `logits` (V,)."""
+
+    def __init__(self, logits):
+        self.logits, self.cfg = logits, dict(bos=0, heads=1, width=1)
+
+    def memory_kv(self, images, repeat=1):
+        return []  # no layers: no cross-attention K/V, no caches
+
+    def decoder(self, tokens, mem_kv, caches=None, pos=0):
+        return self.logits.expand(tokens.shape[0], tokens.shape[1], -1)
+
+
+# logits sorted high to low; p = softmax(l / T), by hand (4 decimals):
+#   T 1.0: .4161 .2284 .1385 .0929 .0563 .0378 .0207 .0093   cumsum .4161 .6445 .7830 .8759 .9322 ...
+#   T 0.7: .5384 .2285 .1118 .0632 .0309 .0175 .0074 .0024
+#   T 0.7, top-5 renormalised: .5534 .2349 .1150 .0649 .0318   cumsum .5534 .7883 .9033 .9682 1
+LOGITS = torch.tensor([2.0, 1.4, 0.9, 0.5, 0.0, -0.4, -1.0, -1.8])
+
+
+@pytest.mark.parametrize("T,top_k,top_p,kept", [
+    (1.0, 0, 1.0, 8), (0.7, 0, 1.0, 8),
+    (0.7, 3, 1.0, 3),  # top-k: the 3 largest, renormalised
+    (0.7, 5, 0.93, 4),  # top-5 then nucleus: .9033 < .93 <= .9682 -> 4 tokens
+    (1.0, 0, 0.9, 5),  # nucleus alone: .8759 < .9 <= .9322 -> 5 tokens
+])
+def test_sampling_frequencies_follow_tempered_truncated_softmax(T, top_k, top_p, kept):
+    p = (LOGITS / T).softmax(0)
+    if top_k:
+        p = torch.where(torch.arange(8) < top_k, p, 0.0)
+    p = p / p.sum()
+    n = int((p.cumsum(0) < top_p - 1e-9).sum()) + 1  # the smallest top set with mass >= top_p
+    assert min(n, 8) == kept
+    p = torch.where(torch.arange(8) < kept, p, 0.0)
+    p = p / p.sum()
+    torch.manual_seed(0)
+    N = 20000
+    tok, logp = common.sample(FixedPolicy(LOGITS), torch.zeros(1), 1, k=N, temperature=T, top_k=top_k, top_p=top_p)
+    freq = torch.bincount(tok.flatten(), minlength=8).double() / N
+    assert (freq[kept:] == 0).all()  # truncated tokens are never drawn
+    assert (freq - p).abs().max() < 0.012, (freq, p)  # binomial sd <= 0.0036 at N = 20000
+    torch.testing.assert_close(logp.flatten(), LOGITS.log_softmax(0)[tok.flatten()])  # log p at temperature 1
+
+
+def test_set_lr_warmup_then_constant_or_cosine_per_group_multiplier():
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr_mult": 1.0},
+                           {"params": [torch.zeros(1)], "lr_mult": 0.1}], lr=0.0)
+    def lrs(step, schedule):
+        common.set_lr(opt, step, 0.2, 4, 12, schedule)  # base 0.2, warmup 4, 12 steps
+        return [g["lr"] for g in opt.param_groups]
+    for schedule in ["constant", "cosine"]:  # warmup 0.2 * (s + 1) / 4: 0.05, 0.1, 0.15, 0.2
+        for s, want in [(0, 0.05), (1, 0.1), (3, 0.2)]:
+            assert lrs(s, schedule) == pytest.approx([want, want * 0.1]), (s, schedule)
+    for s in [4, 7, 11, 50]:
+        assert lrs(s, "constant") == pytest.approx([0.2, 0.02])
+    # cosine over the 8 steps after warmup: 0.2 * (1 + cos(pi * (s - 4) / 8)) / 2
+    for s, want in [(4, 0.2), (6, 0.1 * (1 + 2 ** -0.5)), (8, 0.1), (10, 0.1 * (1 - 2 ** -0.5)), (12, 0.0),
+                    (20, 0.0)]:
+        assert lrs(s, "cosine") == pytest.approx([want, want * 0.1], abs=1e-12), s
+
+
+def test_make_optimizer_decays_only_matrices_and_slows_the_encoder():
+    m = tiny_model()
+    no_decay = set()  # by module type: biases, LayerNorms, the token embedding (tied with the head), positions
+    for mn, mod in m.named_modules():
+        for pn, _ in mod.named_parameters(recurse=False):
+            name = f"{mn}.{pn}" if mn else pn
+            if pn == "bias" or isinstance(mod, torch.nn.LayerNorm) or isinstance(mod, torch.nn.Embedding) or pn == "pos":
+                no_decay.add(name)
+    names = dict(m.named_parameters())
+    assert {"decoder.tok.weight", "encoder.pos", "decoder.pos", "encoder.ln.weight", "decoder.blocks.0.ln1.weight",
+            "decoder.blocks.0.lnc.weight", "decoder.head.bias", "encoder.patch.bias"} <= no_decay
+    assert {"encoder.patch.weight", "decoder.blocks.0.attn.q.weight", "decoder.blocks.1.cross.kv.weight",
+            "decoder.blocks.0.mlp.2.weight", "encoder.blocks.3.mlp.0.weight"} <= set(names) - no_decay
+    assert "decoder.head.weight" not in names  # tied: one tensor, named tok.weight
+    opt = common.make_optimizer(m, "adamw", 1e-3, 0.05, 0.25)
+    seen = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen[id(p)] = (g["weight_decay"], g["lr_mult"])
+    assert len(seen) == len(names) == sum(len(g["params"]) for g in opt.param_groups)  # each exactly once
+    for n, p in names.items():
+        assert seen[id(p)] == (0.0 if n in no_decay else 0.05, 0.25 if n.startswith("encoder.") else 1.0), n
+
+
+def test_micro_batches_give_the_update_of_the_whole_batch():
+    """--micro_batch 2 of a batch of 4 with different token counts per example: the same SGD update as one
+    closure over the batch (mle_loss's fixed denominator; train_step divides each part by the number of parts)."""
+    torch.manual_seed(0)
+    cfg = common.model_config("tiny", 16, 20, 8, bos=19, dec_layers=1, patch=8)
+    m0 = common.EncoderDecoder(cfg).double()
+    imgs, tok = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 19, (4, 8))
+    w = (torch.arange(8) < torch.tensor([8, 2, 1, 3])[:, None]).double()  # 10 tokens in part 1, 4 in part 2
+    args = argparse.Namespace(clip=0.0)  # clipping would hide a scale error
+
+    def update(parts):
+        m = common.EncoderDecoder(cfg).double()
+        m.load_state_dict(m0.state_dict())
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)  # not Adam: its update hides the gradient's scale
+        st = common.train_step(m, opt, args, [lambda s=s: common.mle_loss(m, imgs[s], tok[s], w[s])[::2]
+                                              for s in parts], 1)
+        return {k: v - m0.state_dict()[k] for k, v in m.state_dict().items()}, st
+
+    whole, st1 = update([slice(0, 4)])
+    micro, st2 = update([slice(0, 2), slice(2, 4)])
+    assert max(d.abs().max() for d in whole.values()) > 1e-4  # the step moved the weights
+    for k in whole:
+        torch.testing.assert_close(micro[k], whole[k], atol=1e-12, rtol=1e-9, msg=k)
+    assert st1["loss"] == pytest.approx(st2["loss"], rel=1e-9)  # the logged loss is the global one too

@@ -109,6 +109,42 @@ def test_conf_loss_is_minimal_at_the_matched_iou():
     assert g[2] < 0 < g[1]
 
 
+def test_match_each_prediction_keeps_its_best_gt_each_gt_its_best_prediction():
+    """The authors' greedy rule, not a maximum matching: a prediction that overlaps two GTs of its class keeps
+    only the better one (listed second here), so the other GT stays unmatched even though it was above the
+    threshold. Batch of 2: image 1 is a plain perfect match (class weights W2 = 0.5, 1.5)."""
+    g1, g2 = [0.0, 0.0, 0.4, 0.3], [0.0, 0.0, 0.4, 0.4]  # areas 400 x 300 = 120000, 400 x 400 = 160000 levels^2
+    p1 = g2  # IoU(p1, g1) = 120000 / 160000 = 0.75, IoU(p1, g2) = 1
+    p2 = [0.0, 0.16, 0.4, 0.4]  # area 400 x 240 = 96000: IoU(p2, g2) = 96000 / 160000 = 0.6;
+    # IoU(p2, g1): intersection 400 x 140 = 56000, union 96000 + 120000 - 56000 = 160000 -> 0.35 (no match)
+    gb, gl = detect.gt_arrays([torch.tensor([g1, g2]), torch.tensor([B])], [torch.tensor([0, 0]), torch.tensor([1])],
+                              8)
+    pred = torch.stack([seq([p1, p2], [0, 0]), seq([B], [1])])[:, None]  # (2 images, K = 1, L)
+    m, d, iou = detect.match(pred, dict(gt_boxes=gb, gt_labels=gl), 0.5, W2)
+    # image 0: p1 keeps g2 (1 > 0.75), drops g1; p2 keeps g2 (0.6). g2 is won by p1 (1 > 0.6): matched {g2} = 0.5
+    # (class 0), p2 a duplicate = 0.5; g1 nobody's best: unmatched. Image 1: one match of class 1 = 1.5, no duplicate
+    assert m[:, 0].tolist() == pytest.approx([0.5, 1.5]) and d[:, 0].tolist() == pytest.approx([0.5, 0.0])
+    assert iou[0, 0, :3].tolist() == pytest.approx([1.0, 0.6, 0.0]) and iou[1, 0, :2].tolist() == pytest.approx(
+        [1.0, 0.0])  # match_iou: each prediction's IoU with the one GT it kept (the confidence target)
+    m, d, iou = detect.match(pred, dict(gt_boxes=gb, gt_labels=gl), 0.7, W2)  # p2 (0.6) out; p1 still keeps g2 only
+    assert m[:, 0].tolist() == pytest.approx([0.5, 1.5]) and d[:, 0].tolist() == pytest.approx([0.0, 0.0])
+    assert iou[0, 0, :2].tolist() == pytest.approx([1.0, 0.0])
+
+
+@pytest.mark.parametrize("p2,want", [(0.7, 0.0), (0.5, -0.2), (0.9, 0.2)])
+def test_conf_loss_gradient_vanishes_where_p2_equals_the_iou(p2, want):
+    """Slot 5 with only tokens 1, 2 possible: ce = -(1 - u) log P1 - u log P2 has d ce / d z2 = P2 - u and
+    d ce / d z1 = u - P2 (z: the two logits), divided by the 2 box slots (fixed denominator; the second is
+    padding and gets no gradient). Target u = 0.7: zero at P2 = 0.7, P2 pushed up below it, down above it."""
+    z = torch.tensor([0.0, float(np.log(p2 / (1 - p2)))], requires_grad=True)  # softmax(z)[1] = p2
+    ninf = torch.tensor([float("-inf")])
+    slot = torch.cat([ninf, z])  # vocab 3: token 0 impossible at the confidence slot
+    logits = torch.cat([torch.zeros(1, 5, 3), slot[None, None], torch.zeros(1, 6, 3)], 1)  # (1, 12, 3)
+    tok = seq([A], [0], slots=2)[None]  # one box, one padding slot
+    detect.conf_loss(logits, tok, torch.tensor([[0.7, 0.0]]), 5).backward()
+    assert z.grad.tolist() == pytest.approx([-want / 2, want / 2], abs=1e-6)
+
+
 def write_coco(root, split, n_img=4):
     """A tiny COCO instances layout: category ids with gaps, a crowd box, grayscale / RGBA /
     odd-sized images, one image without objects, one unreadable image."""
@@ -199,7 +235,7 @@ def test_malformed_annotation_file_is_a_clear_error(tmp_path):
 def test_synthetic_ground_truth_scores_100_through_cocoeval():
     """The synthetic GT json is a valid COCO file: unique annotation ids (COCOeval matches by id)
     and the training targets pushed through to_xywh score AP = AR = 100."""
-    items, gt = detect.load_synthetic("val", 20, 64, 0)
+    items, gt, _ = detect.load_synthetic("val", 20, 64, 0)  # --missed 0: the annotations are the truth
     ids = [a["id"] for a in gt["annotations"]]
     assert len(ids) == len(set(ids)) == sum(len(it["labels"]) for it in items) > 20
     res = [dict(image_id=it["id"], category_id=l + 1, bbox=detect.to_xywh(b, it), score=1.0)

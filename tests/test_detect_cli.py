@@ -51,7 +51,10 @@ def test_tiny_runs_every_stage(tiny):
         assert any("val_AP" in r for r in log) and any("loss" in r for r in log)
     m = json.load(open(out / "detect" / "eval" / "metrics.json"))
     assert set(m) == {"mle", "mle_cont", "reward"}
-    assert all(0 <= r["AP"] <= 100 and r["boxes_per_image"] >= 0 for r in m.values())
+    # no range on AP here (0 <= AP <= 100 cannot fail), and no "reward rises" either: at --tiny scale (10 steps,
+    # lr 1e-5) the mean sampled reward of steps 1-5 vs 6-10 rose for seed 0 and fell for seeds 1 and 2 (issue 20)
+    assert all({"AP", "AP50", "AP75", "AR100", "reward", "boxes_per_image"} <= set(r) for r in m.values())
+    assert m["mle"]["steps"] == "30" and m["reward"]["steps"] == m["mle_cont"]["steps"] == "30+10"  # fair control
     assert "| reward |" in stdout and os.path.getsize(out / "detect" / "eval" / "grid.png") > 1000
     res = json.load(open(out / "detect" / "eval" / "results_mle.json"))
     assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in res)
@@ -153,7 +156,7 @@ def test_stop_at_ends_the_whole_run(tmp_path):
 
 def test_scene_flags_reach_the_synthetic_world():
     args = detect.p.parse_args(["--max_things", "1", "--radius", "0.3", "0.3", "--num_train", "20", "--num_val", "5",
-                                "--image_size", "32"])
+                                "--image_size", "32", "--missed", "0", "--box_noise", "0"])  # main() fills presets
     tr, va, *_ = detect.load_data(args)
     sides = [b[3] - b[1] for it in tr + va for b in it["boxes"].tolist()]  # normalized height of each box
     assert all(len(it["labels"]) == 1 for it in tr + va)
