@@ -262,3 +262,69 @@ def test_png_with_a_broken_pixel_stream_is_one_line(tmp_path):
     for dataset in [detect.Boxes, caption.Images, colorize.Photos]:  # every real-data loader of an image
         with pytest.raises(common.UserError, match="bad.png: unreadable image"):
             dataset([item], 16)[0]
+
+
+def test_annotator_misses_at_its_rate_per_scene_and_seed_and_keeps_the_truth():
+    """--missed P: each object unannotated with probability P, fixed per (seed, split, scene); the truth keeps all."""
+    n = 400
+    items, gt, truth = detect.load_synthetic("train", n, 64, 0, missed=0.3)
+    clean, _, _ = detect.load_synthetic("train", n, 64, 0)
+    n_true = sum(len(it["true_labels"]) for it in items)
+    kept = sum(len(it["labels"]) for it in items) / n_true
+    assert abs(kept - 0.7) < 3 * (0.21 / n_true) ** 0.5  # binomial: within 3 standard deviations
+    assert len(gt["annotations"]) == sum(len(it["labels"]) for it in items) and len(truth["annotations"]) == n_true
+    for it, c in zip(items, clean):  # the truth is the clean world's annotation; the annotations a subset of it
+        np.testing.assert_array_equal(it["true_boxes"], c["boxes"])
+        assert it["true_labels"] == c["labels"]
+        true = {tuple(b) + (lab,) for b, lab in zip(it["true_boxes"].tolist(), it["true_labels"])}
+        assert {tuple(b) + (lab,) for b, lab in zip(it["boxes"].tolist(), it["labels"])} <= true
+    again = detect.load_synthetic("train", n, 64, 0, missed=0.3)[0]
+    other = detect.load_synthetic("train", n, 64, 1, missed=0.3)[0]
+    assert all(a["labels"] == b["labels"] and np.array_equal(a["boxes"], b["boxes"]) for a, b in zip(items, again))
+    assert any(len(a["labels"]) != len(a["true_labels"]) for a in other)
+    val = detect.load_synthetic("val", n, 64, 0, missed=0.3)[0]  # the held-out split is annotated alike
+    assert abs(sum(len(it["labels"]) for it in val) / sum(len(it["true_labels"]) for it in val) - 0.7) < 0.05
+    miss = [[len(a["labels"]) < len(a["true_labels"]) for a in x] for x in (items, other)]
+    assert miss[0] != miss[1]  # another seed misses other objects
+
+
+def test_box_noise_moves_edges_by_its_share_of_the_box():
+    items, _, _ = detect.load_synthetic("train", 200, 64, 0, box_noise=0.1)
+    d, size = [], []
+    for it in items:
+        assert it["labels"] == it["true_labels"]  # noise alone drops nothing
+        d.append(it["boxes"] - it["true_boxes"])
+        size.append(np.repeat(it["true_boxes"][:, 2:] - it["true_boxes"][:, :2], 2, 1)[:, [0, 2, 1, 3]])
+    rel = np.concatenate(d) / np.concatenate(size)  # edge shift / box height or width
+    inside = rel[np.abs(rel) < 0.5]  # 5 standard deviations: leaves out edges clipped at the image border
+    assert 0.08 < inside.std() < 0.12 and abs(inside.mean()) < 0.01  # N(0, 0.1 x the size)
+
+
+def test_eval_scores_against_the_annotations_and_the_truth():
+    """A prediction of exactly the truth: perfect against the truth; against annotations missing 30% it finds the
+    annotated objects (AR 100) but its extra boxes are false positives (AP < 100); no duplicates either way."""
+    items, gt, truth = detect.load_synthetic("val", 30, 64, 0, missed=0.3)
+    res = [dict(image_id=it["id"], category_id=l + 1, bbox=detect.to_xywh(b, it), score=1.0)
+           for it in items for b, l in zip(it["true_boxes"].tolist(), it["true_labels"])]
+    m_truth, m_ann = detect.coco_eval(truth, res, range(30)), detect.coco_eval(gt, res, range(30))
+    assert m_truth["AP"] == pytest.approx(100.0) and m_ann["AR100"] == pytest.approx(100.0) and m_ann["AP"] < 90
+    tok = torch.stack([seq(it["true_boxes"], it["true_labels"]) for it in items])
+    score = torch.rand(tok.shape[0], 8)
+    for key in ["", "true_"]:
+        c = detect.box_checks(tok, score, items, key, 5)
+        assert c["dups_per_image"] == 0
+    twice = torch.stack([seq(np.concatenate([it["true_boxes"]] * 2)[:8], (it["true_labels"] * 2)[:8]) for it in items])
+    n_dup = np.mean([min(8, 2 * len(it["true_labels"])) - len(it["true_labels"]) for it in items])
+    assert detect.box_checks(twice, score, items, "true_", 5)["dups_per_image"] == pytest.approx(n_dup)
+    # a score equal to the IoU against the truth ranks perfectly: Spearman 1
+    iou = torch.tensor([[1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01]]).expand(len(items), 8)
+    shrunk = []
+    for it in items:  # box j of each image shrunk so its IoU with its true box falls with j
+        b = it["true_boxes"].copy()
+        k = np.sqrt(iou[0, :len(b)].numpy())[:, None]
+        b[:, 2:] = b[:, :2] + (b[:, 2:] - b[:, :2]) * k
+        shrunk.append(seq(b, it["true_labels"]))
+    assert detect.box_checks(torch.stack(shrunk), iou, items, "true_", 5)["score_iou_rho"] > 0.95
+    assert detect.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert detect.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert detect.spearman([1, 1, 2], [5, 5, 5]) is None
