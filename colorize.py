@@ -1,21 +1,21 @@
 """Colorization tuned with a colorfulness reward (paper section 4.3, Table 7; UViM, Kolesnikov et al. 2022).
 
-Stage I (vqvae.py --task colorize) learns 256 discrete codes for the colours of an image given its gray
-version. Here, stage II: a ViT encoder reads the gray image and a decoder writes those codes (token =
-code + 1, BOS 0); the frozen oracle decodes them back to colours. MLE imitates the true colours, which the
+Stage I (`--stage oracle`: vqvae.py's VQ-VAE trained on these images) learns 256 discrete codes for the colours
+of an image given its gray version. Stage II: a ViT encoder reads the gray image and a decoder writes those codes
+(token = code + 1, BOS 0); the frozen oracle decodes them back to colours. MLE imitates the true colours, which the
 gray image does not determine (an object's hue is a guess), so the model hedges. The reward stage samples
 K colourings, scores each with colorfulness = vivid fraction x hue entropy, and raises the likelihood of
 those above the mean of the other K-1.
 
-    python vqvae.py --task colorize && python colorize.py   # the synthetic world, all stages
-    python colorize.py --tiny                               # every stage in about a minute (smoke test)
-    python colorize.py --stage mle|reward|mle_cont|eval
-    python vqvae.py --task colorize --data folder --data_dir ~/photos && \\
-        python colorize.py --data folder --data_dir ~/photos   # any folder of JPEG/PNG photos
+    python colorize.py              # the synthetic world, every stage: oracle, mle, reward, mle_cont, eval
+    python colorize.py --tiny       # every stage in about a minute (smoke test)
+    python colorize.py --stage oracle|mle|reward|mle_cont|eval
+    python colorize.py --data folder --data_dir ~/photos   # any folder of JPEG/PNG photos
+    python colorize.py --stage oracle --oracle_flags "--steps 4000 --width 256"   # vqvae.py's flags
 
-Measured on the synthetic world (2 CPU cores, 25 min for both commands; README, results/colorize/), held-out
-300 scenes, one sample each at temperature 1: colorfulness MLE 0.669, MLE continued 0.659, reward-tuned 1.664
-(vivid 0.47 -> 0.95, hue entropy 1.43 -> 1.76; paper, ImageNet: 0.41 -> 1.79).
+Measured on the synthetic world (2 CPU cores, 25 min: the oracle 7.7, the rest 17.4; README, results/colorize/),
+held-out 300 scenes, one sample each at temperature 1: colorfulness MLE 0.669, MLE continued 0.659, reward-tuned
+1.664 (vivid 0.47 -> 0.95, hue entropy 1.43 -> 1.76; paper, ImageNet: 0.41 -> 1.79).
 """
 import argparse
 import json
@@ -44,16 +44,24 @@ PRESETS = {
                    mle_warmup=1000, mle_wd=1e-6, reward_steps=1000, reward_lr=3e-7, reward_warmup=0, reward_wd=0.0,
                    enc_lr_mult=0.1, samples=2, eval_images=500, num_train=0, num_val=500),
 }
-TINY = dict(dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8, num_train=64, num_val=8,
-            mle_warmup=5, samples=2)
+TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8,
+            num_train=64, num_val=8, mle_warmup=5, samples=2)
+# --tiny with any --data: the tiny model too (the folder preset's is B/16); its image size is the oracle's, always
+# (vqvae.TINY: 32 px, so 4 x 4 patches of 8)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
-               help="mle: pretrain; reward: tune from out/colorize/mle; mle_cont: the fair control, MLE for as "
-                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+p.add_argument("--stage", default="all", choices=["oracle", "mle", "reward", "mle_cont", "eval", "all"],
+               help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these images (out/vqvae_colorize/); mle: pretrain; "
+                    "reward: tune from out/colorize/mle; mle_cont: the fair control, MLE from the same start at the "
+                    "reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: every checkpoint "
+                    "side by side; all: each in turn (an oracle already trained with the same flags is reused, "
+                    "--oracle PATH skips that stage)")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="folder of JPEG/PNG images, searched recursively (--data folder)")
 p.add_argument("--oracle", default="", help="stage I checkpoint (default: out_dir/vqvae_colorize/ckpt.pt)")
+p.add_argument("--oracle_flags", default="", help="--stage oracle: vqvae.py's flags (python vqvae.py --help; default: "
+               "its preset for --data), e.g. \"--steps 4000 --width 256\" or --oracle_flags=--no-local; --data "
+               "--data_dir --out_dir --seed --resume --tiny --workers --compile are this script's")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/colorize/<stage>/")
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
@@ -61,7 +69,7 @@ p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM
 p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
-p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
 p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
@@ -189,11 +197,7 @@ class Photos(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        it = self.items[i]
-        try:
-            img = (Image.fromarray(it["image"]) if "image" in it else Image.open(it["file"])).convert("RGB")
-        except OSError as e:  # common.readable checked a PNG's chunks, not its pixels
-            raise UserError(f"{it['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
+        img = common.open_rgb(self.items[i])
         s = min(img.size)
         img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
         rgb = torch.from_numpy(np.asarray(img.resize((self.size, self.size), Image.BICUBIC), np.float32) / 255)
@@ -293,6 +297,28 @@ def setup(args):
     return rank, world, device, oracle, path, Photos(tr, args.image_size), Photos(va, args.image_size)
 
 
+def train_oracle(args):
+    """--stage oracle: UViM's stage I (vqvae.train) on these images, with the oracle's preset (vqvae.PRESETS) and
+    --oracle_flags. Loss: squared error of the colours (UViM's); report: PSNR, colorfulness of its reconstructions."""
+    oa = vqvae.oracle_args(args, "colorize")
+    if args.stage == "all" and vqvae.trained(oa):
+        return
+    common.ddp_setup()  # the loaders print on rank 0 only
+    tr, va = (Photos(x, oa.image_size) for x in load_data(oa))
+
+    def report(oracle, batches):  # batches: (gray, true colours, codes (B, 256)) of held-out images, in [-1, 1]
+        rows = []  # per image: PSNR of the reconstruction, its colorfulness, the truth's
+        for gray, rgb, codes in batches:
+            rec, truth = (vqvae.decode(oracle, codes, gray).clamp(-1, 1) + 1) / 2, (rgb + 1) / 2
+            rows.append(torch.stack([psnr(rec, truth), colorfulness(rec)[0], colorfulness(truth)[0]], 1).cpu())
+        m = torch.cat(rows).mean(0).tolist()
+        line = f"images: PSNR {m[0]:.2f} dB, colorfulness {m[1]:.3f} (truth {m[2]:.3f})"
+        return dict(psnr=m[0], colorfulness=m[1], truth_colorfulness=m[2]), line
+
+    vqvae.train(oa, tr, va, dict(out_chans=3, classes=0, categories=[]), lambda logits, rgb: F.mse_loss(logits, rgb),
+                report)
+
+
 def train(args, stage):
     """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on the oracle's codes of
     the true colours. Reward: sample K code sequences, decode them with the oracle, colorfulness each,
@@ -308,10 +334,9 @@ def train(args, stage):
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
     raw, model, opt, start, path, meta = common.stage_setup("colorize", stage, args, cfg, meta, device, world, state)
-    if raw.cfg["vocab"] != V or meta.get("oracle_id", oracle.fingerprint) != oracle.fingerprint:
-        raise UserError(f"{path if start else init}: made with another oracle than {oracle_path} (retrained?)")
-    if not ck and start == 0 and args.init_encoder:
-        common.load_timm_encoder(raw, args.init_encoder)
+    vqvae.check_lm(raw.cfg, meta, oracle, path if start else init)  # its codes must mean what this oracle's do
+    if not ck and start == 0:
+        common.init_encoder(raw, args, "colorize")
     allowed = vqvae.allowed_tokens(V - 1, device)
     log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
@@ -323,7 +348,7 @@ def train(args, stage):
     mb = args.micro_batch or b
     for step, (idx, gray, rgb) in enumerate(tqdm(loader, disable=not master, initial=start, total=args.steps,
                                                  desc=stage), start):
-        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, args.schedule)
         pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
         gray, rgb = gray.to(device), rgb.to(device)
 
@@ -370,24 +395,18 @@ def to_pil(x):  # (3, S, S) in [0, 1] -> PIL
 def evaluate(args):
     """Every checkpoint that exists, side by side with the truth and the oracle's reconstruction:
     metrics.json, table.md, the colourings as PNGs, a grid (gray / truth / each model)."""
-    base = os.path.join(args.out_dir, "colorize")
-    paths = {n: os.path.join(base, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
-    paths = {n: q for n, q in paths.items() if os.path.exists(q)}
-    if not paths:
-        raise UserError(f"no checkpoint under {base}: run --stage mle first")
-    cks = {n: common.load_ckpt(q, "colorize") for n, q in paths.items()}
-    rank, world, device, oracle, oracle_path, tr, va = setup(args)
-    if bad := [paths[n] for n, ck in cks.items() if ck["config"]["vocab"] != oracle.c["codebook"] + 1
-               or ck["meta"].get("oracle_id", oracle.fingerprint) != oracle.fingerprint]:  # its codes mean other things
-        raise UserError(f"{bad[0]}: made with another oracle than {oracle_path} (retrained?)")
+    cks = common.eval_checkpoints(args.out_dir, "colorize")  # {name: (path, ckpt)}: mle and its two tunings
+    rank, world, device, oracle, _, tr, va = setup(args)
+    for path, ck in cks.values():
+        vqvae.check_lm(ck["config"], ck["meta"], oracle, path)
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
-    out = os.path.join(base, "eval")
+    out = os.path.join(args.out_dir, "colorize", "eval")
     n = min(args.eval_images, len(va))
     imgs, steps = {}, {}
-    for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)
+    for name, (path, ck) in cks.items():
+        model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
         imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.seed)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         steps[name] = f"{prior}+{ck['step']}" if prior else str(ck["step"])
@@ -426,14 +445,15 @@ def main():
               "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    stages = ["oracle", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    if args.stage == "all" and args.oracle:  # stage I is that checkpoint
+        stages.remove("oracle")
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = "reward" if stage == "reward" else "mle"
-        for k, v in given.items():
-            setattr(args, k, v if v is not None else preset[f"{kind}_{k}"])
-        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
-            args.steps = given["steps"] or preset["reward_steps"]
+        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
+            train_oracle(args)
+            continue
+        common.stage_flags(args, preset, stage, given, "colorize")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
         else:

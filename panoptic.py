@@ -1,14 +1,15 @@
 """Panoptic segmentation tuned with a PQ reward (paper section 4.1, Tables 1, 4, 5; UViM, Kolesnikov et al. 2022).
 
-Stage I (vqvae.py --task panoptic) learns 256 codes of a panoptic map given the image. Stage II, here: a ViT
-reads the image, a decoder writes the codes (token = code + 1, BOS 0), the frozen oracle decodes them to class
-and instance logits, UViM's decoding makes segments. MLE imitates the oracle's codes of the ground truth; the
-reward stage samples K code sequences, scores each with r = matched IoUs - 0.3 x false positives (PQ's rules)
-and raises the likelihood of those above the mean of the other K-1. `pq_compute` is panopticapi's.
+Stage I (`--stage oracle`: vqvae.py's VQ-VAE trained on these scenes) learns 256 codes of a panoptic map given
+the image. Stage II: a ViT reads the image, a decoder writes the codes (token = code + 1, BOS 0), the frozen oracle
+decodes them to class and instance logits, UViM's decoding makes segments. MLE imitates the oracle's codes of the
+ground truth; the reward stage samples K code sequences, scores each with r = matched IoUs - 0.3 x false positives
+(PQ's rules) and raises the likelihood of those above the mean of the other K-1. `pq_compute` is panopticapi's.
 
-    python vqvae.py --task panoptic && python panoptic.py   # the synthetic world, all stages
-    python panoptic.py --tiny                               # every stage in about a minute (smoke test)
-    python panoptic.py --stage encoder|mle|reward|mle_cont|eval
+    python panoptic.py              # the synthetic world, every stage: oracle, encoder, mle, reward, mle_cont, eval
+    python panoptic.py --tiny       # every stage in about a minute (smoke test)
+    python panoptic.py --stage oracle|encoder|mle|reward|mle_cont|eval
+    python panoptic.py --stage oracle --oracle_flags "--steps 4000 --width 256"   # vqvae.py's flags
 
     from panoptic import pq_compute
     results = pq_compute("panoptic_val2017.json", "predictions.json", "panoptic_val2017/", "predictions/")
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -41,19 +43,28 @@ PRESETS = {
     "coco": dict(model="L/16", patch=16, dec_layers=24, batch_size=128, mle_steps=44600, mle_lr=1e-3, mle_warmup=4000,
                  mle_wd=1e-6, reward_steps=30000, reward_lr=1e-6, reward_warmup=4000, reward_wd=0.0, enc_lr_mult=0.1,
                  samples=2, eval_images=5000, num_train=0, num_val=0, temperature=1.0)}
-TINY = dict(dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8, num_train=64, num_val=8,
-            mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
+TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8,
+            num_train=64, num_val=8, mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
+# --tiny with any --data: the tiny model too (COCO's L/16 is ~2 min a step); its image size is the oracle's, always
+# (vqvae.TINY: 32 px, so 4 x 4 patches of 8)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
-               help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
-                    "ViT); mle: pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE for as "
-                    "many more steps as the reward stage; eval: every checkpoint side by side; all: each in turn")
+p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "reward", "mle_cont", "eval", "all"],
+               help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these scenes (out/vqvae_panoptic/); encoder: "
+                    "pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained ViT); mle: "
+                    "pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE from the same "
+                    "start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: "
+                    "every checkpoint side by side; all: each in turn (an oracle already trained with the same flags "
+                    "is reused, --oracle PATH skips that stage)")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/panoptic_<split>.json, ...")
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
 p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
 p.add_argument("--oracle", default="", help="stage I checkpoint (default: out_dir/vqvae_panoptic/ckpt.pt)")
+p.add_argument("--oracle_flags", default="", help="--stage oracle: vqvae.py's flags (python vqvae.py --help; default: "
+               "its preset for --data), e.g. \"--steps 4000 --width 256\" or --oracle_flags=--no-local; --data "
+               "--data_dir --train_split --val_split --out_dir --seed --resume --tiny --workers --compile are this "
+               "script's")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/panoptic/<stage>/")
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
@@ -62,7 +73,7 @@ p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm
                "out_dir/panoptic/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
-p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset: mle_steps / reward_steps)")
+p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
 p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
@@ -151,11 +162,12 @@ class Scenes(torch.utils.data.Dataset):
         it = self.items[i]
         if "file" not in it:
             return it
-        try:
-            img = np.array(Image.open(it["file"]).convert("RGB").resize((self.size,) * 2, Image.BILINEAR))
-            png = Image.open(it["png"]).convert("RGB").resize((self.size,) * 2, Image.NEAREST)
-        except OSError as e:
-            raise UserError(f"{it['file']} / {it['png']}: unreadable ({type(e).__name__})")
+        img = np.array(common.open_rgb(it).resize((self.size,) * 2, Image.BILINEAR))
+        try:  # ids, not an image: no rescaling of other modes (open_rgb's), the same one-line error
+            with Image.open(it["png"]) as png:
+                png = png.convert("RGB").resize((self.size,) * 2, Image.NEAREST)
+        except OSError as e:  # common.readable checked the PNG's chunks, not its pixels
+            raise UserError(f"{it['png']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
         return dict(image=img, panoptic=rgb2id(np.asarray(png)), segments=it["segments"])
 
     def __getitem__(self, i):
@@ -416,6 +428,29 @@ def setup(args):
     return rank, world, device, oracle, path, tr, va
 
 
+def train_oracle(args):
+    """--stage oracle: UViM's stage I (vqvae.train) on these scenes, with the oracle's preset (vqvae.PRESETS) and
+    --oracle_flags. Loss: cross-entropy of each pixel's class and instance slot; report: PQ of its reconstructions."""
+    oa = vqvae.oracle_args(args, "panoptic")
+    if args.stage == "all" and vqvae.trained(oa):
+        return
+    common.ddp_setup()  # the loaders print on rank 0 only
+    tr, va, cats = load_data(oa)
+    tr, va = (Scenes(x, cats, oa.instances, oa.image_size) for x in (tr, va))
+    C = len(cats) + 1  # semantic classes incl. void, then oa.instances slots
+
+    def loss(logits, target, sem, inst, *_):  # logits (B, C + I, S, S), sem and inst (B, S, S)
+        return F.cross_entropy(logits[:, :C], sem) + F.cross_entropy(logits[:, C:], inst)
+
+    def report(oracle, batches):  # batches: (image, target, codes (B, 256)) of held-out scenes in order
+        preds = [x for img, _, codes in batches for x in as_segments(*segment(oracle, codes + 1, img), cats)]
+        res = pq_in_memory(preds, va)
+        pq, things, stuff = (res[g]["pq"] for g in GROUPS)
+        return res, f"scenes: PQ {pq:.1f} (things {things:.1f}, stuff {stuff:.1f})"
+
+    vqvae.train(oa, tr, va, dict(out_chans=C + oa.instances, classes=C, categories=cats), loss, report)
+
+
 def pretrain_encoder(args):
     """--stage encoder: the ViT alone learns every pixel's class on the synthetic training scenes."""
     if args.data != "synthetic":
@@ -439,14 +474,9 @@ def train(args, stage):
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
     raw, model, opt, start, path, meta = common.stage_setup("panoptic", stage, args, cfg, meta, device, world, state)
-    if raw.cfg["vocab"] != V or meta.get("oracle_id", oracle.fingerprint) != oracle.fingerprint:
-        raise UserError(f"{path if start else init}: made with another oracle than {oracle_path} (retrained?)")
+    vqvae.check_lm(raw.cfg, meta, oracle, path if start else init)  # its codes must mean what this oracle's do
     if not ck and start == 0:
-        enc = args.init_encoder or os.path.join(args.out_dir, "panoptic", "encoder", "encoder.pt")
-        enc = enc if args.init_encoder or (os.path.exists(enc) and args.data == "synthetic") else ""
-        if enc:
-            common.load_timm_encoder(raw, enc)
-        common.print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
+        common.init_encoder(raw, args, "panoptic")
     allowed = vqvae.allowed_tokens(V - 1, device)
     log = common.Logger(os.path.dirname(path), master, resume=start)
     common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train images, "
@@ -457,7 +487,7 @@ def train(args, stage):
     mb = args.micro_batch or b
     for step, (idx, img, target, _, _, gt, gt_cat, gt_crowd) in enumerate(tqdm(
             loader, disable=not master, initial=start, total=args.steps, desc=stage), start):
-        common.set_lr(opt, step, args.lr, args.warmup, args.steps, "constant" if stage == "reward" else "cosine")
+        common.set_lr(opt, step, args.lr, args.warmup, args.steps, args.schedule)
         pos = torch.arange(rank * b, (rank + 1) * b)  # global position of each example in the batch
         img, target = img.to(device), target.to(device)
 
@@ -513,15 +543,10 @@ def evaluate(args):
     """Every checkpoint that exists, side by side: predictions and ground truth in COCO panoptic format
     (PNG folders + json), PQ by pq_compute over those files, metrics.json, table.md, a grid."""
     base = os.path.join(args.out_dir, "panoptic")
-    paths = {n: os.path.join(base, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
-    paths = {n: q for n, q in paths.items() if os.path.exists(q)}
-    if not paths:
-        raise UserError(f"no checkpoint under {base}: run --stage mle first")
-    cks = {n: common.load_ckpt(q, "panoptic") for n, q in paths.items()}
-    rank, world, device, oracle, oracle_path, tr, va = setup(args)
-    if bad := [paths[n] for n, ck in cks.items() if ck["config"]["vocab"] != oracle.c["codebook"] + 1
-               or ck["meta"].get("oracle_id", oracle.fingerprint) != oracle.fingerprint]:  # its codes mean other things
-        raise UserError(f"{bad[0]}: made with another oracle than {oracle_path} (retrained?)")
+    cks = common.eval_checkpoints(args.out_dir, "panoptic")  # {name: (path, ckpt)}: mle and its two tunings
+    rank, world, device, oracle, _, tr, va = setup(args)
+    for path, ck in cks.values():
+        vqvae.check_lm(ck["config"], ck["meta"], oracle, path)
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
@@ -538,8 +563,8 @@ def evaluate(args):
         write_coco(gt_folder, gt_json, [(i, it["panoptic"].astype(np.uint32), it["segments"])
                                         for i, it in zip(image_ids, items)], va.categories)
     preds, rows = {"oracle": predict(None, oracle, va, device, n, args.min_segment)}, {}
-    for name, ck in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], paths[name], args.image_size)  # oracle's size
+    for name, (path, ck) in cks.items():
+        model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)  # the oracle's size
         preds[name] = predict(model, oracle, va, device, n, args.min_segment)
     for name, pr in preds.items():
         pj = os.path.join(out, f"pred_{name}.json")
@@ -550,7 +575,8 @@ def evaluate(args):
                                                                if (sg == q).any()])  # resizing may drop a tiny one
                                                           for i, sg, (_, cats) in zip(image_ids, full, pr)])
         res = pq_compute(gt_json, pj, gt_folder, os.path.join(out, f"pred_{name}"))
-        ck, prior = cks.get(name), cks[name]["meta"].get("prior", 0) if name in cks else 0  # steps e.g. "1500+300"
+        ck = cks[name][1] if name in cks else None
+        prior = ck["meta"].get("prior", 0) if ck else 0  # steps e.g. "1500+300"
         rows[name] = dict({g: {k: v if k == "n" else 100 * v for k, v in res[g].items()} for g in GROUPS},
                           steps="-" if ck is None else f"{prior}+{ck['step']}" if prior else str(ck["step"]),
                           segments=float(np.mean([len(c) for _, c in pr])))
@@ -578,15 +604,17 @@ def main():
               "num_val", "temperature"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
-    stages = stages if args.stage == "all" else [args.stage]
+    stages = ["oracle", "encoder", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    if args.stage == "all" and args.oracle:  # stage I is that checkpoint
+        stages.remove("oracle")
+    if args.stage == "all" and (args.data != "synthetic" or args.init_encoder):  # a pretrained ViT instead
+        stages.remove("encoder")
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
-        for k, v in given.items():
-            setattr(args, k, v if v is not None else preset.get(f"{kind}_{k}"))
-        if stage == "mle_cont":  # as many extra MLE steps as the reward stage ran
-            args.steps = given["steps"] or preset["reward_steps"]
+        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
+            train_oracle(args)
+            continue
+        common.stage_flags(args, preset, stage, given, "panoptic")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":

@@ -1,5 +1,5 @@
 """UViM stage I: the VQ-VAE "oracle" that turns a task output into 256 discrete codes (Kolesnikov et al. 2022),
-for panoptic.py and colorize.py.
+a library for panoptic.py and colorize.py (their `--stage oracle` calls `train`; this file imports neither).
 
 A ViT autoencoder over the task output with the image as context, added to the inputs of both its encoder
 and decoder (so the codes only carry what the image does not tell). Bottleneck: a 16 x 16 grid = 256 codes
@@ -10,19 +10,24 @@ synthetic panoptic preset (results/panoptic/probes/README.md): the head's logits
 the image (`--pixel`; our 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
 no attention or position (`--local`): a code describes its own patch only, to keep stage II's task local.
 
-    python vqvae.py --task panoptic     # train the oracle on the synthetic world, report its PQ and code usage
-    python vqvae.py --task colorize     # the colour oracle (gray image as context), report its PSNR
-    python vqvae.py --task colorize --data folder --data_dir ~/photos
-    python vqvae.py --task panoptic --tiny   # smoke test; measured results: README, results/panoptic|colorize/
+    python panoptic.py --stage oracle   # train the oracle on the synthetic world, report its PQ and code usage
+    python colorize.py --stage oracle   # the colour oracle (gray image as context), report its PSNR
+    python colorize.py --stage oracle --data folder --data_dir ~/photos --oracle_flags "--steps 4000"
+    python vqvae.py --task panoptic --tiny   # the old command: runs `python panoptic.py --stage oracle --tiny`
 
-Outputs (UViM): panoptic = per pixel one-hot class (0 void) + one-hot instance slot (segments 1..N in raster order
-of their centre of mass), cross-entropy; colour = RGB in [-1, 1] given the gray image, squared error. panoptic.py
-and colorize.py import `load(path, task, device)`, `encode(model, target, image) -> codes (B, 256)`, `decode`.
+The flags below (`python vqvae.py --help`) are the oracle's, with a preset per data source and task; the task
+scripts pass their shared ones (SHARED) and `--oracle_flags "<any of the others>"`. Outputs (UViM): panoptic =
+per pixel one-hot class (0 void) + one-hot instance slot (segments 1..N in raster order of their centre of mass),
+cross-entropy; colour = RGB in [-1, 1] given the gray image, squared error; the task script passes its datasets,
+loss and report (PQ, PSNR). panoptic.py and colorize.py then use `load(path, task, device)`, `encode(model,
+target, image) -> codes (B, 256)`, `decode`, `check_lm`.
 """
 import argparse
 import hashlib
 import json
 import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -30,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 import common
@@ -54,10 +60,13 @@ PRESETS = {  # "<data>/<task>"
                             instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
                             num_train=0, num_val=500, local=False, pixel=0)}
 TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, batch_size=8, steps=30, warmup=5,
-            eval_images=16, num_train=64, num_val=16)
+            eval_images=16, num_train=64, num_val=16)  # any --data: the tiny model and resolution
+# flags the task scripts share with their oracle stage; every other flag comes through their --oracle_flags
+SHARED = ("data", "data_dir", "train_split", "val_split", "out_dir", "seed", "resume", "tiny", "workers", "compile")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"], help="what the codes encode")
+p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"],
+               help="what the codes encode; this command runs `python <task>.py --stage oracle` with these flags")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder", "coco"],
                help="data source: the synthetic world, a folder of photos (colorize), COCO panoptic (panoptic)")
 p.add_argument("--data_dir", default="", help="the folder of photos, or the COCO root (see panoptic.py)")
@@ -157,23 +166,23 @@ class VQVAE(nn.Module):
         self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank, checkpointed
 
     def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); g <= 16: each code its own vector
-        x = x.transpose(1, 2).reshape(x.shape[0], -1, self.g, self.g)
-        x = F.avg_pool2d(x, self.g // 16) if self.g > 16 else x
-        z = F.pixel_shuffle(self.to_code(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), self.r)  # (B, code_dim, 16, 16)
-        return z.flatten(2).transpose(1, 2)
+        x = rearrange(x, "b (h w) d -> b d h w", h=self.g)  # the token grid
+        x = F.avg_pool2d(x, self.g // 16) if self.g > 16 else x  # a finer grid: g/16 x g/16 tokens per code
+        z = self.to_code(rearrange(x, "b d h w -> b h w d"))  # (B, 16 / r, 16 / r, code_dim * r * r)
+        return rearrange(z, "b h w (c i j) -> b (h i w j) c", i=self.r, j=self.r)  # its r x r codes, raster order
 
     def tokens_of(self, q):  # (B, 256, code_dim) -> (B, g*g, D): the inverse layout
-        x = F.pixel_unshuffle(q.transpose(1, 2).reshape(q.shape[0], -1, 16, 16), self.r)
-        x = self.from_code(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, 16 / r, 16 / r)
+        x = rearrange(q, "b (h i w j) c -> b h w (c i j)", h=16 // self.r, i=self.r, j=self.r)  # r x r codes a token
+        x = rearrange(self.from_code(x), "b h w d -> b d h w")  # (B, D, 16 / r, 16 / r)
         x = F.interpolate(x, scale_factor=self.g // 16) if self.g > 16 else x
-        return x.flatten(2).transpose(1, 2)
+        return rearrange(x, "b d h w -> b (h w) d")
 
     def encode_z(self, target, image):  # -> standardized pre-quantized vectors (B, 256, code_dim)
         if not target.is_floating_point():  # panoptic ids (B, 2, H, W) -> one-hot classes + slots (B, C + I, H, W),
             sizes = (self.c["classes"], self.c["instances"])  # made here, on the device: 245 MB per COCO image
             target = torch.cat([F.one_hot(t, n) for t, n in zip(target.unbind(1), sizes)], -1)
             target = target.permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the dataset's used to be
-        x = self.embed(target.float()).flatten(2).transpose(1, 2) + self.enc_ctx(image).flatten(2).transpose(1, 2)
+        x = rearrange(self.embed(target.float()) + self.enc_ctx(image), "b d h w -> b (h w) d")  # (B, g*g, D)
         x = x if self.local else x + self.enc_pos
         for b in self.enc:
             x = x + b(x) if self.local else b(x)
@@ -187,17 +196,17 @@ class VQVAE(nn.Module):
         return (F.normalize(z, dim=-1) @ self.codewords().T).argmax(-1)
 
     def decode_codes(self, q, image):  # q (B, 256, code_dim) code vectors -> logits (B, out_chans, H, W)
-        p, s = self.c["patch"], self.c["image_size"]
-        x = self.tokens_of(q) + self.dec_ctx(image).flatten(2).transpose(1, 2) + self.dec_pos
+        g, p = self.g, self.c["patch"]
+        x = self.tokens_of(q) + rearrange(self.dec_ctx(image), "b d h w -> b (h w) d") + self.dec_pos
         for b in self.dec:
             x = b(x)
         x = self.dec_ln(x)
-        y = self.head(x).view(x.shape[0], s // p, s // p, -1, p, p)  # (B, g, g, C, p, p)
+        y = rearrange(self.head(x), "b (h w) (c i j) -> b h w c i j", h=g, i=p, j=p)  # each token's p x p pixels
         if self.c.get("pixel", 0):
-            f = self.pix(image).view(x.shape[0], -1, s // p, p, s // p, p).permute(0, 2, 4, 1, 3, 5)  # B g g h p p
-            m = self.pix_head(x).view(x.shape[0], s // p, s // p, -1, f.shape[3])  # (B, g, g, C, h)
+            f = rearrange(self.pix(image), "b k (h i) (w j) -> b h w k i j", i=p, j=p)  # (B, g, g, k, p, p)
+            m = rearrange(self.pix_head(x), "b (h w) (c k) -> b h w c k", h=g, k=f.shape[3])  # (B, g, g, C, k)
             y = y + torch.einsum("bijhyx,bijch->bijcyx", f, m)
-        return y.permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], -1, s, s)
+        return rearrange(y, "b h w c i j -> b c (h i) (w j)")
 
     def forward(self, target, image, drop=None):
         """Training pass: straight-through quantization, EMA codebook update, code dropout."""
@@ -246,85 +255,74 @@ def decode(model, codes, image):
         return model.decode_codes(model.codewords()[codes], image)
 
 
-# -----------------------------------------------------------------------------
-# data
-def datasets(args):
-    """(train, held-out) of (index, context (3, S, S) in [-1, 1], target (out_chans, S, S), ...), out_chans, categories.
-    panoptic.Scenes: image, class and slot ids (2, S, S), semantics, instances; colorize.Photos: gray image, colours."""
-    if args.task == "colorize":
-        import colorize  # here, not at the top: colorize.py imports this file
-        tr, va = colorize.load_data(args)
-        return colorize.Photos(tr, args.image_size), colorize.Photos(va, args.image_size), 3, []
-    import panoptic
-    tr, va, cats = panoptic.load_data(args)
-    tr, va = (panoptic.Scenes(x, cats, args.instances, args.image_size) for x in (tr, va))
-    return tr, va, len(cats) + 1 + args.instances, cats
-
-
-def loss_fn(task, logits, target, extra, classes):
-    """panoptic: cross-entropy of class and instance slot per pixel; colorize: squared error (UViM's)."""
-    if task == "colorize":
-        return F.mse_loss(logits, target)
-    return F.cross_entropy(logits[:, :classes], extra[0]) + F.cross_entropy(logits[:, classes:], extra[1])
-
-
 def load(path, task, device):
     """A trained oracle, frozen, for stage II (panoptic.py / colorize.py)."""
     if not os.path.exists(path):
-        raise UserError(f"{path}: no oracle; train it first: python vqvae.py --task {task}")
+        raise UserError(f"{path}: no oracle; train it first: python {task}.py --stage oracle")
     ck = common.load_ckpt(path, f"vqvae_{task}")
     model = VQVAE(ck["config"])
     model.load_state_dict(ck["model"])
     model.fingerprint = hashlib.sha1(ck["model"]["sums"].numpy().tobytes()).hexdigest()[:12]  # in the LM's meta
+    model.path = path
     return model.to(device).eval().requires_grad_(False)
 
 
-# -----------------------------------------------------------------------------
-# the oracle's own quality: PQ of its reconstructions (panoptic.pq_image / pq_average, as pq_compute)
-@torch.no_grad()
-def report_colorize(model, ds, n, device):
-    """PSNR (dynamic range 2, UViM's evaluator) of the reconstructions, their colorfulness against the truth's."""
-    import colorize
-    model.eval()
-    used, rows = torch.zeros(model.c["codebook"], dtype=torch.bool), []
-    for idx, gray, rgb in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n, len(ds)))), 64):
-        gray, rgb = gray.to(device), rgb.to(device)
-        codes = encode(model, rgb, gray)
-        used[codes.flatten().cpu()] = True
-        rec = (decode(model, codes, gray).clamp(-1, 1) + 1) / 2
-        rows.append(torch.stack([colorize.psnr(rec, (rgb + 1) / 2), colorize.colorfulness(rec)[0],
-                                 colorize.colorfulness((rgb + 1) / 2)[0]], 1).cpu())
-    model.train()
-    m = torch.cat(rows).mean(0).tolist()
-    return dict(psnr=m[0], colorfulness=m[1], truth_colorfulness=m[2], codes_used=int(used.sum()))
-
-
-@torch.no_grad()
-def report_panoptic(model, ds, n, device):
-    """PQ of the reconstructions (panoptic.py's decoding and in-memory pq_compute), codebook usage."""
-    import panoptic  # here, not at the top: panoptic.py imports this file
-    model.eval()
-    used, preds = torch.zeros(model.c["codebook"], dtype=torch.bool), []
-    for idx, img, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=64):
-        codes = encode(model, target.to(device), img.to(device))
-        used[codes.flatten().cpu()] = True
-        preds += panoptic.as_segments(*panoptic.segment(model, codes + 1, img.to(device)), ds.categories)
-    model.train()
-    return dict(panoptic.pq_in_memory(preds, ds), codes_used=int(used.sum()))
+def check_lm(config, meta, oracle, path):
+    """An LM checkpoint (its config and meta) wrote this oracle's codes: another oracle's (retrained since, or of
+    another --codebook) decode into other things. Checkpoints from before the fingerprint pass on the vocabulary."""
+    if config["vocab"] != oracle.c["codebook"] + 1 or meta.get("oracle_id", oracle.fingerprint) != oracle.fingerprint:
+        raise UserError(f"{path}: made with another oracle than {oracle.path} (retrained?)")
 
 
 # -----------------------------------------------------------------------------
-# training
-def train(args):
-    rank, world, device = common.ddp_setup()
-    torch.manual_seed(args.seed)
+# the task scripts' --stage oracle: these flags and presets, their data, loss and report
+def oracle_args(task_args, task):
+    """The oracle stage's flags: --oracle_flags parsed by this file's parser, the task script's SHARED flags, then
+    the preset of --data / task (and TINY) for whatever is still unset."""
+    args, unknown = p.parse_known_args(shlex.split(task_args.oracle_flags))
+    if unknown:
+        raise UserError(f"--oracle_flags: {' '.join(unknown)}: not a flag of vqvae.py (python vqvae.py --help)")
+    if given := [k for k in SHARED if getattr(args, k) != p.get_default(k)]:
+        raise UserError(f"--oracle_flags: pass --{given[0]} to {task}.py itself (its stages share it)")
+    for k in SHARED:
+        setattr(args, k, getattr(task_args, k, p.get_default(k)))  # colorize.py has no --train_split
+    args.task, key = task, f"{args.data}/{task}"
+    if key not in PRESETS:
+        raise UserError(f"{task}.py --data {args.data}: no oracle preset ({', '.join(PRESETS)})")
+    for k, v in dict(PRESETS[key], **(TINY if args.tiny else {})).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.image_size % args.patch:
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch {args.patch}")
-    tr, va, out_chans, cats = datasets(args)
-    C = len(cats) + 1 if args.task == "panoptic" else 0  # semantic classes incl. void
+    return args
+
+
+def trained(args):
+    """--stage all: True if out_dir/vqvae_<task>/ckpt.pt is an oracle of these flags that finished (reused, one
+    line); False if there is none or it was stopped early (trained: --resume continues it). Other flags: one line."""
+    path = os.path.join(args.out_dir, f"vqvae_{args.task}", "ckpt.pt")
+    if not os.path.exists(path):
+        return False
+    ck = common.load_ckpt(path, f"vqvae_{args.task}")
+    ignored = ("task", "data_dir", "out_dir", "resume", "compile", "log_every", "ckpt_every", "eval_images", "workers")
+    if diff := [k for k, v in ck["args"].items() if k not in ignored and vars(args).get(k, v) != v]:
+        raise UserError(f"{path}: an oracle of other flags {diff}: --stage oracle retrains it (or another --out_dir)")
+    if ck["step"] < args.steps:
+        return False
+    common.print0(f"oracle: {path} exists, reused (--stage oracle retrains it)")
+    return True
+
+
+def train(args, tr, va, output, loss_fn, report):
+    """Train the oracle, then report on held-out examples. tr, va: datasets of (index, context image (3, S, S) in
+    [-1, 1], target, *extra) at args.image_size; output: the task output's dict(out_chans, classes (incl. void;
+    0: none), categories) for the model config; loss_fn(logits, target, *extra) -> loss; report(model, batches) ->
+    (metrics dict, line) where batches yields (context, target, codes (B, 256)) of va's first eval_images."""
+    rank, world, device = common.ddp_setup()
+    torch.manual_seed(args.seed)
     cfg = dict(image_size=args.image_size, patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
-               codebook=args.codebook, code_dim=args.code_dim, out_chans=out_chans, classes=C,
-               instances=args.instances, categories=cats, local=args.local, pixel=args.pixel)
+               codebook=args.codebook, code_dim=args.code_dim, out_chans=output["out_chans"],
+               classes=output["classes"], instances=args.instances, categories=output["categories"],
+               local=args.local, pixel=args.pixel)
     out = os.path.join(args.out_dir, f"vqvae_{args.task}")
     path, start = os.path.join(out, "ckpt.pt"), 0
     raw = VQVAE(cfg).to(device)
@@ -357,26 +355,31 @@ def train(args):
 
         def micro():
             logits, codes = model(target, ctx, drop)
-            return loss_fn(args.task, logits, target, extra, C), dict(used=codes.unique().numel())
+            return loss_fn(logits, target, *extra), dict(used=codes.unique().numel())
         stats = common.train_step(model, opt, args, [micro], world)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log(step + 1, lr=opt.param_groups[0]["lr"], s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
             common.save_ckpt(path, task=f"vqvae_{args.task}", model=raw.state_dict(), optimizer=opt.state_dict(),
                              step=step + 1, config=cfg, args=vars(args), restart_gen=raw.gen.get_state())
-    if rank == 0:
-        n = min(args.eval_images, len(va))
-        if args.task == "panoptic":
-            res = report_panoptic(raw, va, n, device)
-            log(args.steps, **{f"val_{k}_{m}": v for k, d in res.items() if isinstance(d, dict) for m, v in d.items()},
-                val_codes_used=res["codes_used"])
-            print(f"oracle on {n} held-out scenes: PQ {res['All']['pq']:.1f} (things {res['Things']['pq']:.1f}, "
-                  f"stuff {res['Stuff']['pq']:.1f}), {res['codes_used']} of {args.codebook} codes used")
-        else:
-            res = report_colorize(raw, va, n, device)
-            log(args.steps, **{f"val_{k}": v for k, v in res.items()})
-            print(f"oracle on {n} held-out images: PSNR {res['psnr']:.2f} dB, colorfulness {res['colorfulness']:.3f} "
-                  f"(truth {res['truth_colorfulness']:.3f}), {res['codes_used']} of {args.codebook} codes used")
+    if rank == 0:  # the oracle's own quality: the task's metric of its reconstructions, and the codewords used
+        n, used = min(args.eval_images, len(va)), torch.zeros(args.codebook, dtype=torch.bool)
+
+        def batches():
+            for _, ctx, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(va, range(n)), 64):
+                ctx, target = ctx.to(device), target.to(device)
+                codes = encode(raw, target, ctx)
+                used[codes.flatten().cpu()] = True
+                yield ctx, target, codes
+        raw.eval()
+        with torch.no_grad():
+            res, line = report(raw, batches())
+        res["codes_used"] = int(used.sum())
+        rec = {}  # {"All": {"pq": ...}, "psnr": ...} -> val_All_pq, val_psnr
+        for k, v in res.items():
+            rec.update({f"val_{k}_{m}": x for m, x in v.items()} if isinstance(v, dict) else {f"val_{k}": v})
+        log(args.steps, **rec)
+        print(f"oracle on {n} held-out {line}, {res['codes_used']} of {args.codebook} codes used")
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {out}/eval.json")
@@ -384,16 +387,17 @@ def train(args):
 
 
 def main():
+    """python vqvae.py --task X [flags]: the old command, now `python X.py --stage oracle [shared flags]
+    --oracle_flags "[the others]"` (this file imports no task script: the task script brings the data)."""
     args = p.parse_args()
-    key = f"{args.data}/{args.task}"
-    if key not in PRESETS:
-        raise UserError(f"--task {args.task} --data {args.data}: no such combination ({', '.join(PRESETS)})")
-    if args.data != "synthetic" and not args.data_dir:
-        raise UserError(f"--data {args.data} needs --data_dir")
-    preset = dict(PRESETS[key], **(TINY if args.tiny else {}))
-    for k, v in preset.items():
-        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
-    train(args)
+    shared, rest = [], []
+    for k, v in vars(args).items():
+        if k != "task" and v != p.get_default(k):
+            flag = [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
+            (shared if k in SHARED else rest).extend(flag)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{args.task}.py")
+    flags = f"--oracle_flags={shlex.join(rest)}"  # with "=": a lone "--no-local" is not taken for a flag of the script
+    os.execv(sys.executable, [sys.executable, script, "--stage", "oracle", *shared, flags])
 
 
 if __name__ == "__main__":

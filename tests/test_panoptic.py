@@ -178,6 +178,32 @@ def test_in_memory_counts_agree_with_pq_compute_per_image():
     assert (seen > 20).all()  # the random cases exercise matches, false positives, misses and crowds
 
 
+def test_reward_scores_each_of_k_samples_against_its_own_image():
+    # B = 2 images, K = 3 different segmentations each; ground truth index -> category: 1 square, 2 circle, 3 sky.
+    gt = torch.tensor(np.stack([grid(["1122", "1122", "3333", "3333"]), grid(["....", "3333", "3333", "3333"])]),
+                      dtype=torch.long)
+    gt_cat, gt_crowd = torch.tensor([[-1, 1, 2, 6], [-1, -1, -1, 6]]), torch.zeros(2, 4, dtype=torch.bool)
+    seg = torch.tensor(np.stack([np.stack([grid(["1122", "1122", "3333", "3333"]), grid(["3333"] * 4),
+                                           grid(["1122", "1122", "3333", "3333"])]),
+                                 np.stack([grid(["3333"] * 4), grid(["1111", "1111", "3333", "3333"]),
+                                           grid(["...."] * 4)])]), dtype=torch.long)  # (B, K, H, W)
+    cat = torch.tensor([[[-1, 1, 2, 6], [-1, -1, -1, 6], [-1, 1, 1, 6]],
+                        [[-1, -1, -1, 6], [-1, 2, -1, 6], [-1, -1, -1, -1]]])  # (B, K, S + 1)
+    r, aux = panoptic.reward_pq((seg, cat), dict(gt=gt, gt_cat=gt_cat, gt_crowd=gt_crowd))
+    # image 0: a copy (3 IoUs of 1) | all sky: IoU 8 / 16 = 0.5 is no match, 1 FP | the circle named a square: FP
+    # image 1: sky over the void row too: IoU 12 / (16 + 12 - 12 - 4 on void) = 1 | a circle half on void (not more
+    # than half: FP) and sky on the last two rows, IoU 8 / 12 | nothing predicted: 0
+    expect = [[3.0, -0.3, 2 - 0.3], [1.0, 8 / 12 - 0.3, 0.0]]
+    torch.testing.assert_close(r, torch.tensor(expect), rtol=0, atol=1e-6)
+    for b in range(2):
+        for k in range(3):  # each sample scores as it would alone (K = 1)
+            alone, _ = panoptic.reward_pq((seg[b:b + 1, k:k + 1], cat[b:b + 1, k:k + 1]),
+                                          dict(gt=gt[b:b + 1], gt_cat=gt_cat[b:b + 1], gt_crowd=gt_crowd[b:b + 1]))
+            assert float(alone) == float(r[b, k])
+    # the counts, means over the 6 samples: TP 3+0+2 + 1+1+0, FP 0+1+1 + 0+1+0, FN 0+3+1 + 0+0+1
+    assert (aux["tp"] * 6, aux["fp"] * 6, aux["fn"] * 6) == (7, 3, 5)
+
+
 # ----------------------------------------------------------------------------- the COCO panoptic layout, end to end
 COCO_CATS = [dict(id=3, name="cat", isthing=1), dict(id=17, name="dog", isthing=1),
              dict(id=120, name="wall", isthing=0), dict(id=184, name="sky", isthing=0)]  # ids with gaps
@@ -224,10 +250,12 @@ def test_coco_panoptic_fixture_loads_trains_and_evaluates(tmp_path):
             "--tiny", "--out_dir", str(tmp_path / "out")]
     run = lambda script, *a: subprocess.run([sys.executable, script, *data, *a], capture_output=True, text=True,
                                             cwd=root, timeout=900)  # noqa: E731
-    p = run("vqvae.py", "--task", "panoptic", "--instances", "8", "--steps", "10")
-    assert p.returncode == 0, p.stderr[-2000:]
-    p = run("panoptic.py", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--steps", "4")
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("panoptic.py", "--oracle_flags", "--instances 8 --steps 10", "--batch_size", "4", "--steps", "4")
+    assert p.returncode == 0, p.stderr[-2000:]  # every stage: the oracle, mle, reward, mle_cont, eval
+    oracle = torch.load(tmp_path / "out" / "vqvae_panoptic" / "ckpt.pt", weights_only=True)["config"]
+    cfg = torch.load(tmp_path / "out" / "panoptic" / "mle" / "ckpt.pt", weights_only=True)["config"]
+    assert (oracle["width"], oracle["image_size"], oracle["instances"]) == (64, 32, 8)  # --tiny: vqvae.TINY's
+    assert (cfg["width"], cfg["image_size"], cfg["patch"]) == (128, 32, 8)  # and the tiny LM (COCO's is L/16)
     ev = tmp_path / "out" / "panoptic" / "eval"
     pred = json.load(open(ev / "pred_reward.json"))
     assert [a["image_id"] for a in pred["annotations"]] == [101, 102, 103]
@@ -246,7 +274,7 @@ def test_coco_panoptic_fixture_loads_trains_and_evaluates(tmp_path):
     d = json.load(open(tmp_path / "coco" / "annotations" / "panoptic_train.json"))
     d["annotations"][0]["segments_info"][0]["category_id"] = 999
     json.dump(d, open(tmp_path / "coco" / "annotations" / "panoptic_train.json", "w"))
-    p = run("vqvae.py", "--task", "panoptic")
+    p = run("panoptic.py", "--stage", "oracle")
     assert p.returncode == 2 and "category_id 999" in p.stderr and p.stderr.count("\n") == 1
 
 

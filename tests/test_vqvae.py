@@ -101,26 +101,38 @@ def test_dead_codes_are_restarted_by_splitting_the_most_used():
     assert abs(float(m.counts.sum()) - 64 * (1 - 0.995 ** 600) / 0.005) < 20
 
 
-def test_tiny_runs_every_stage_of_both_scripts(tmp_path):
+def test_tiny_oracle_stage_then_every_stage(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, *a, "--tiny", "--out_dir", str(tmp_path)], capture_output=True,
                                     text=True, cwd=ROOT, timeout=900)  # noqa: E731
-    p = run("panoptic.py")
-    assert p.returncode == 2 and "no oracle" in p.stderr and "Traceback" not in p.stderr
-    p = run("vqvae.py", "--task", "panoptic")
+    p = run("panoptic.py", "--stage", "mle")
+    assert p.returncode == 2 and "no oracle; train it first: python panoptic.py --stage oracle" in p.stderr
+    assert "Traceback" not in p.stderr
+    for flags, error in [("--bogus 1", "--bogus 1: not a flag of vqvae.py"),
+                         ("--seed 1", "pass --seed to panoptic.py itself")]:  # a shared flag: the LM stages use it too
+        p = run("panoptic.py", "--stage", "oracle", "--oracle_flags", flags)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and error in p.stderr
+    p = run("panoptic.py", "--stage", "oracle")  # UViM's stage I: vqvae.py's training on panoptic.py's scenes
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.load(open(tmp_path / "vqvae_panoptic" / "eval.json"))
-    assert 0 <= res["All"]["pq"] <= 100 and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
+    assert list(res) == ["All", "Things", "Stuff", "codes_used"] and res["All"]["n"] > 0 and 0 < res["codes_used"] <= 64
+    assert res["Stuff"]["pq"] > 20  # 45.4 at this seed: 30 steps learn the two stuff regions (a broken decoding: 0)
     assert "oracle on 16 held-out scenes" in p.stdout
-    for flag, value in [("--wd", "0.5"), ("--optimizer", "adafactor"), ("--width", "48"), ("--seed", "1")]:
-        p = run("vqvae.py", "--task", "panoptic", "--resume", flag, value)
-        assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"other flags: ['{flag[2:]}']" in p.stderr
+    for args, key in [(["panoptic.py", "--stage", "oracle", "--oracle_flags", "--wd 0.5"], "wd"),
+                      (["panoptic.py", "--stage", "oracle", "--oracle_flags=--width 48"], "width"),
+                      (["panoptic.py", "--stage", "oracle", "--seed", "1"], "seed"),
+                      (["vqvae.py", "--task", "panoptic", "--optimizer", "adafactor"], "optimizer")]:  # the old command
+        p = run(*args, "--resume")
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"other flags: ['{key}']" in p.stderr
+    p = run("panoptic.py", "--oracle_flags", "--width 48")  # --stage all would reuse an oracle of other flags
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "an oracle of other flags ['width']" in p.stderr
     p = run("panoptic.py")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert f"oracle: {tmp_path / 'vqvae_panoptic' / 'ckpt.pt'} exists, reused" in p.stdout  # --stage all
     assert f"encoder: {tmp_path / 'panoptic' / 'encoder' / 'encoder.pt'}" in p.stdout  # mle began from that ViT
     ev = tmp_path / "panoptic" / "eval"
     m = json.load(open(ev / "metrics.json"))
     assert list(m) == ["oracle", "mle", "mle_cont", "reward"] and m["reward"]["steps"] == "30+10"
-    assert all(0 <= r["All"]["pq"] <= 100 and r["All"]["n"] > 0 for r in m.values())
+    assert all(r["All"]["n"] > 0 for r in m.values())
     # the predictions are a COCO panoptic set: every PNG holds exactly the segments its json entry lists
     import panoptic
     from PIL import Image
