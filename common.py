@@ -231,7 +231,7 @@ def init_encoder(raw, args, task):
     enc = os.path.join(args.out_dir, task, "encoder", "encoder.pt")
     if enc := args.init_encoder or (enc if os.path.exists(enc) and args.data == "synthetic" else ""):
         load_timm_encoder(raw, enc)
-    print0(f"encoder: {enc or 'random init (no --init_encoder, no --stage encoder output)'}")
+    print0(f"encoder: {enc or 'random init (no --init_encoder, no encoder.pt of --stage encoder)'}")
 
 # -----------------------------------------------------------------------------
 # sampling: encoder once, cross-attention K/V once, self-attention KV cache
