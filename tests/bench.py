@@ -48,7 +48,7 @@ for L, b in [(48, args.batch), (600, 4)]:
 
 # 2. the detection reward step vs the MLE step on the same batch (synthetic preset shapes)
 B, K, S = args.batch, 2, 8
-items, _ = detect.load_synthetic("val", B, 64, 0)
+items = detect.load_synthetic("val", B, 64, 0)[0]
 ds = detect.Boxes(items, 64)
 idx, imgs, boxes, labels = detect.collate([ds[i] for i in range(B)])
 cfg = common.model_config("tiny", 64, detect.CLS0 + 6, S * 6, detect.CLS0 + 5, 4, 8)
