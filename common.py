@@ -18,8 +18,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# errors, DDP, device
+# ---- errors, DDP, device ---------------------------------------------------------------------------------------------
 class UserError(Exception):
     """Bad input (path, file, flag, checkpoint): printed as one line, exit code 2."""
 
@@ -34,7 +33,8 @@ def run(main):
         print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
         sys.exit(130)
     finally:  # also after --stop_at's SystemExit: every exit path releases the process group
-        _ = dist.is_initialized() and dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 def ddp_setup():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
@@ -62,12 +62,13 @@ def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is sl
 def replica_checksums(model):
     """Sum of all weights on every rank (a list, one per rank): equal when DDP kept replicas in sync."""
     s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    out = [torch.zeros_like(s) for _ in range(dist.get_world_size())] if dist.is_initialized() else [s]
-    _ = dist.is_initialized() and dist.all_gather(out, s)
+    out = [s]
+    if dist.is_initialized():
+        out = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, s)
     return [float(x) for x in out]
 
-# -----------------------------------------------------------------------------
-# logging: one readable line per --log_every on rank 0, and every line in log.jsonl
+# ---- logging: one readable line per --log_every on rank 0, and every line in log.jsonl -------------------------------
 class Logger:
     def __init__(self, out_dir, master, resume=0):
         self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
@@ -91,8 +92,7 @@ class Logger:
 def print0(*a, **k):
     return print(*a, **k, flush=True) if not dist.is_initialized() or dist.get_rank() == 0 else None
 
-# -----------------------------------------------------------------------------
-# models: ViT encoder (pre-LN), autoregressive decoder with cross-attention
+# ---- models: ViT encoder (pre-LN), autoregressive decoder with cross-attention ---------------------------------------
 # name -> (width, encoder depth, heads); the decoder depth is --dec_layers (6 in the paper)
 SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -116,8 +116,7 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.h, -1).transpose(1, 2)
 
     def memory_kv(self, mem):  # cross-attention K/V of the encoder output, computed once per image
-        k, v = self.kv(mem).chunk(2, -1)
-        return self.split(k), self.split(v)
+        return tuple(map(self.split, self.kv(mem).chunk(2, -1)))
 
     def forward(self, x, kv=None, causal=False, cache=None, pos=0):
         B, T, D = x.shape
@@ -215,10 +214,9 @@ def load_timm_encoder(model, path):
             pos = F.interpolate(pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2), (g1, g1), mode="bilinear")
             pos = pos.permute(0, 2, 3, 1).reshape(1, g1 * g1, -1)
         new["pos"] = pos
-        names = [("norm1", "ln1"), ("norm2", "ln2"), ("attn.proj", "attn.out"), ("mlp.fc1", "mlp.0"),
-                 ("mlp.fc2", "mlp.2")]
+        names = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn.out", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
         for p, s in [(f"blocks.{i}.", s) for i in range(len(enc.blocks)) for s in ("weight", "bias")]:
-            new |= {f"{p}{b}.{s}": sd[f"{p}{a}.{s}"] for a, b in names}
+            new |= {f"{p}{b}.{s}": sd[f"{p}{a}.{s}"] for a, b in names.items()}
             qkv = sd[f"{p}attn.qkv.{s}"]  # timm's fused qkv -> our q and kv
             new[f"{p}attn.q.{s}"], new[f"{p}attn.kv.{s}"] = qkv[: len(qkv) // 3], qkv[len(qkv) // 3:]
         new["ln.weight"], new["ln.bias"] = sd["norm.weight"], sd["norm.bias"]
@@ -233,8 +231,7 @@ def init_encoder(raw, args, task):
         load_timm_encoder(raw, enc)
     print0(f"encoder: {enc or 'random init (no --init_encoder, no encoder.pt of --stage encoder)'}")
 
-# -----------------------------------------------------------------------------
-# sampling: encoder once, cross-attention K/V once, self-attention KV cache
+# ---- sampling: encoder once, cross-attention K/V once, self-attention KV cache ---------------------------------------
 def example_noise(seed, step, index, k, length):
     """Uniform noise (B, K, L) for inverse-CDF sampling, a function of (seed, step, global example
     index) only: 1 process and N processes draw the same samples for the same example."""
@@ -244,9 +241,8 @@ def example_noise(seed, step, index, k, length):
 @torch.no_grad()
 def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noise=None, allowed=None,
            end_token=None, pad_token=0, use_cache=True):
-    """Autoregressive sampling of K sequences per image; temperature 0 = greedy.
-    Returns tokens (B, K, L) and their log-probs (B, K, L) under the model at temperature 1
-    (the distribution REINFORCE differentiates); positions after end_token hold pad_token, logp 0."""
+    """Autoregressive sampling of K sequences per image (temperature 0: greedy) -> tokens (B, K, L) and their log-probs
+    (B, K, L) under the model at temperature 1 (what REINFORCE differentiates); after end_token: pad_token, logp 0."""
     B, N, dev, c = images.shape[0], images.shape[0] * k, images.device, model.cfg
     kv = model.memory_kv(images, k)
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
@@ -286,15 +282,13 @@ def until_end(tokens, end_token):
     is_end = (tokens == end_token).long()
     return (is_end.cumsum(-1) - is_end) == 0
 
-# -----------------------------------------------------------------------------
-# the two steps: MLE (paper Algorithm 1) and REINFORCE (paper Algorithm 2)
+# ---- the two steps: MLE (paper Algorithm 1) and REINFORCE (paper Algorithm 2) ----------------------------------------
 def token_logp(logits, tokens):  # (N, L, V), (N, L) -> (N, L) log p(token)
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
 
 def mle_loss(model, images, tokens, weight, allowed=None):
-    """Teacher-forced cross-entropy. weight (B, L). The loss is sum / (B * L): a fixed denominator,
-    so micro-batches and ranks average to exactly the global batch's loss (dividing by each
-    micro-batch's own token count would not). Returns loss, logits, {"nll": mean per weighted token}."""
+    """Teacher-forced cross-entropy, weight (B, L). loss = sum / (B * L), not / token count: micro-batches and ranks
+    then average to exactly the global batch's loss. Returns loss, logits, {"nll": mean per weighted token}."""
     logits = model(images, tokens, allowed)
     nll = torch.where(weight > 0, -token_logp(logits, tokens), 0.0)  # after the end: maybe off-grammar
     s = (nll * weight).sum()
@@ -326,8 +320,7 @@ def reinforce_loss(model, images, tokens, rewards, mask, kind="loo", grad_on="fi
     return loss, logits, tokens, mask, {"adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
                                         "logp": logp.mean().item()}
 
-# -----------------------------------------------------------------------------
-# optimizer and LR schedule
+# ---- optimizer and LR schedule ---------------------------------------------------------------------------------------
 def make_optimizer(model, name, lr, wd, enc_lr_mult):
     """AdamW or torch.optim.Adafactor; no weight decay on biases, norms, embeddings; encoder at lr x mult."""
     groups = {}
@@ -346,8 +339,7 @@ def set_lr(opt, step, base, warmup, total, schedule):
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
 
-# -----------------------------------------------------------------------------
-# checkpoints: one dict from the raw model, written atomically, loaded with weights_only
+# ---- checkpoints: one dict from the raw model, written atomically, loaded with weights_only --------------------------
 def save_ckpt(path, **obj):  # atomic: a kill mid-write leaves the previous checkpoint intact
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(obj, path + ".tmp")
@@ -454,9 +446,8 @@ def save_stage(path, task, raw, opt, step, args, meta):
               config=raw.cfg, meta=meta, args=vars(args))
 
 def train_step(model, opt, args, micro_losses, world):
-    """Gradient accumulation over micro-batches (no DDP sync until the last), clip, step.
-    micro_losses: a list of closures, each returns (loss, stats dict) for one micro-batch.
-    Returns the stats averaged over micro-batches and ranks; stops on a NaN/inf loss."""
+    """Gradient accumulation over micro-batches (no DDP sync until the last), clip, step. micro_losses: one closure per
+    micro-batch, () -> (loss, stats dict). Returns the stats averaged over micro-batches and ranks; stops on NaN/inf."""
     stats = {}
     for i, f in enumerate(micro_losses):
         sync = world == 1 or i == len(micro_losses) - 1
@@ -474,17 +465,15 @@ def train_step(model, opt, args, micro_losses, world):
     if dist.is_initialized():  # mean over ranks (on the model's device: NCCL reduces no CPU tensor); every rank
         dist.all_reduce(vals)
         vals /= dist.get_world_size()
+    stats = dict(zip(keys, vals.tolist()))
     if not torch.isfinite(vals).all():
-        raise UserError(f"non-finite training statistics {dict(zip(keys, vals.tolist()))}: lower --lr; "
-                        "the last checkpoint is intact (--resume)")
-    return dict(zip(keys, vals.tolist()))
+        raise UserError(f"non-finite training statistics {stats}: lower --lr; the last checkpoint is intact (--resume)")
+    return stats
 
-# -----------------------------------------------------------------------------
-# data: the order is a function of (seed, step) only (runs resume exactly, any world size); readable files
+# ---- data: the order is a function of (seed, step) only (runs resume exactly, any world size); readable files --------
 def step_indices(n, global_batch, seed, step):
     """Global batch of dataset indices for a step (with replacement across steps)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(n, (global_batch,), generator=g)
+    return torch.randint(n, (global_batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
 
 class StepSampler:
     """DataLoader batch_sampler: this rank's contiguous slice of every step's global batch, for
@@ -533,12 +522,10 @@ def readable(items, what):
         raise UserError(f"{what}: no readable images")
     return ok
 
-# -----------------------------------------------------------------------------
-# the synthetic world: procedural scenes, deterministic by seed, with every annotation the tasks use
+# ---- the synthetic world: procedural scenes, deterministic by seed, with every annotation the tasks use --------------
 THINGS = ["square", "circle", "triangle", "star", "ring"]
 STUFF = ["sky", "wall", "grass", "water", "sand"]  # first two go on top, last three at the bottom
-CATEGORIES = [dict(id=i + 1, name=n, isthing=1) for i, n in enumerate(THINGS)] + \
-             [dict(id=len(THINGS) + i + 1, name=n, isthing=0) for i, n in enumerate(STUFF)]
+CATEGORIES = [dict(id=i + 1, name=n, isthing=int(n in THINGS)) for i, n in enumerate(THINGS + STUFF)]
 
 # Thing colours: CIE Lab L* = 62, chroma 42 at the hue angles of HUES, in sRGB (colorize.lab_to_srgb). One
 # lightness: in gray they all look alike, so an object's hue cannot be read from its gray level (as on real photos).
@@ -574,12 +561,11 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     top, bottom = rng.choice(STUFF[:2]), rng.choice(STUFF[2:])
     horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xx / size * rng.uniform(2, 6) + rng.uniform(0, 6))
-    img, seg, segments = np.zeros((size, size, 3), np.float32), np.zeros((size, size), np.int32), []
+    img, seg, segments, things = np.zeros((size, size, 3), np.float32), np.zeros((size, size), np.int32), [], []
     for name, m in [(top, yy < horizon), (bottom, yy >= horizon)]:
         img[m] = np.array(STUFF_RGB[name]) + rng.normal(0, 0.03, 3)
         seg[m] = len(segments) + 1
         segments.append(dict(id=len(segments) + 1, category_id=len(THINGS) + STUFF.index(name) + 1, iscrowd=0))
-    things = []
     for _ in range(rng.integers(1, max_things + 1)):
         for _attempt in range(20):  # rejection: every thing keeps most of its area visible
             kind, color, r = rng.choice(THINGS), rng.choice(list(COLORS)), size * rng.uniform(*radius)
@@ -613,9 +599,8 @@ def synthetic_world(split, n, size, seed=0, **scene):  # scene: make_scene's max
     sid = {"train": 1, "val": 2}[split]  # split seeds never collide
     return [make_scene(np.random.default_rng([seed, sid, i]), size, **scene) for i in range(n)]
 
-# -----------------------------------------------------------------------------
-# --stage encoder: our stand-in for the paper's pretrained ViT (ImageNet-21k / Objects365, not downloadable). Through
-# a decoder's loss alone a random tiny ViT does not learn to tell the shapes apart (results/panoptic/probes).
+# ---- --stage encoder: our stand-in for the paper's pretrained ViT (ImageNet-21k / Objects365, not downloadable). -----
+# Through a decoder's loss alone a random tiny ViT does not learn to tell the shapes apart (results/panoptic/probes).
 def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
     """ViT + a linear head giving each patch token its P x P pixels' classes (void + CATEGORIES), cross-entropy.
     Writes out_dir/<task>/encoder/encoder.pt for --stage mle; short, so --resume skips it once done (no resuming)."""
@@ -647,8 +632,7 @@ def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
     ddp_end_stage()
     return raw
 
-# -----------------------------------------------------------------------------
-# pictures: a grid of labelled panels (every eval writes one)
+# ---- pictures: a grid of labelled panels (every eval writes one) -----------------------------------------------------
 def save_grid(rows, titles, path, scale=4):
     """rows: list of lists of PIL images of one size; titles: one per column."""
     w, h = rows[0][0].width * scale, rows[0][0].height * scale

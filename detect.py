@@ -34,7 +34,7 @@ from common import UserError
 # config: one flat block; presets per data source, explicit flags override
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
-                      mle_steps=2000, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=450, reward_lr=1e-5,
+                      mle_steps=2000, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
                       reward_warmup=50, reward_wd=0.0, samples=4, eval_images=500, num_train=10000, num_val=500,
                       enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, missed=0.3, box_noise=0.0),
     # the paper's COCO finetune (Table 6); its Objects365 pretraining is out of scope: use --init
