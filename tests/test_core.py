@@ -314,7 +314,7 @@ def test_make_optimizer_decays_only_matrices_and_slows_the_encoder():
     for mn, mod in m.named_modules():
         for pn, _ in mod.named_parameters(recurse=False):
             name = f"{mn}.{pn}" if mn else pn
-            if pn == "bias" or isinstance(mod, torch.nn.LayerNorm) or isinstance(mod, torch.nn.Embedding) or pn == "pos":
+            if pn in ("bias", "pos") or isinstance(mod, (torch.nn.LayerNorm, torch.nn.Embedding)):
                 no_decay.add(name)
     names = dict(m.named_parameters())
     assert {"decoder.tok.weight", "encoder.pos", "decoder.pos", "encoder.ln.weight", "decoder.blocks.0.ln1.weight",
