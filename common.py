@@ -127,7 +127,10 @@ class Attention(nn.Module):
             cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
             k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
             causal = causal and T > 1  # a single new query may see every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H)
+        if T == 1 and not x.is_cuda:  # one query (sampling): a plain matmul; CPU's fused kernel costs ~0.5 ms a call
+            y = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 class Block(nn.Module):
@@ -247,7 +250,7 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
     kv = model.memory_kv(images, k)
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
     logps, ended = torch.zeros(N, seq_len, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
-    caches = [torch.zeros(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)
+    caches = [torch.empty(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)
               for _ in kv] if use_cache else None
     for t in range(seq_len):
         # without the cache: full recompute of the prefix, the slow reference the cache is tested against
