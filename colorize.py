@@ -33,8 +33,7 @@ import common
 import vqvae
 from common import UserError
 
-# -----------------------------------------------------------------------------
-# config: one flat block; presets per data source, explicit flags override
+# ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
@@ -99,8 +98,7 @@ p.add_argument("--num_val", type=int, default=None, help="held-out images: synth
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (folder)")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
 
-# -----------------------------------------------------------------------------
-# colour: sRGB <-> CIE Lab (D65), the gray input
+# ---- colour: sRGB <-> CIE Lab (D65), the gray input ------------------------------------------------------------------
 RGB2XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 WHITE = (0.95047, 1.0, 1.08883)  # D65 reference white, XYZ (= the matrix's row sums: R = G = B has a = b = 0)
 
@@ -134,8 +132,7 @@ def to_gray(rgb):
     return g[:, None].expand(-1, 3, -1, -1)
 
 
-# -----------------------------------------------------------------------------
-# data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted)
+# ---- data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted) ------------------
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -212,8 +209,7 @@ def colours(oracle, tokens, gray):
     return ((out.clamp(-1, 1) + 1) / 2).view(B, K, *out.shape[1:])
 
 
-# -----------------------------------------------------------------------------
-# reward: colorfulness (the paper's), on the decoded images
+# ---- reward: colorfulness (the paper's), on the decoded images -------------------------------------------------------
 def colorfulness(images, min_chroma=10.0, bins=7):
     """(N, 3, H, W) sRGB in [0, 1] -> (score, vivid_fraction, hue_entropy), each (N,).
     vivid = fraction of pixels with Lab chroma sqrt(a^2 + b^2) > 10; hue = atan2(b, a) of every pixel in 7
@@ -240,8 +236,7 @@ def reward_colorfulness(pred, batch):
 
 REWARDS = {"colorfulness": reward_colorfulness}
 
-# -----------------------------------------------------------------------------
-# metric: colorfulness and both terms, PSNR to the true colours, the saturation-hacking indicator
+# ---- metric: colorfulness and both terms, PSNR to the true colours, the saturation-hacking indicator -----------------
 def gamut_edge(images):
     """(N, 3, H, W) in [0, 1] -> (N,) fraction of pixels with a channel at 0 or 255 (8 bits): colours pushed
     out of the sRGB gamut end there (clipped), so a model that hacks saturation raises it."""
@@ -285,8 +280,7 @@ def summarize(m):
     return {k: float(v.mean()) for k, v in m.items()}
 
 
-# -----------------------------------------------------------------------------
-# stages
+# ---- stages ----------------------------------------------------------------------------------------------------------
 def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)

@@ -30,8 +30,7 @@ from tqdm import tqdm
 import common
 from common import UserError
 
-# -----------------------------------------------------------------------------
-# config: one flat block; presets per data source, explicit flags override
+# ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=4, image_size=64, max_boxes=8, batch_size=32,
                       mle_steps=2000, mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=1e-5,
@@ -103,8 +102,7 @@ p.add_argument("--num_val", type=int, default=None, help="synthetic held-out sce
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (COCO)")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
 
-# -----------------------------------------------------------------------------
-# data and token format: per box [ymin, xmin, ymax, xmax, class, conf]
+# ---- data and token format: per box [ymin, xmin, ymax, xmax, class, conf] --------------------------------------------
 # tokens 0..2 confidence (0 = padding box = end), 3..1003 coordinate levels, then classes, then BOS
 
 CONF0, COORD0, LEVELS, CLS0 = 0, 3, 1000, 1004
@@ -272,8 +270,7 @@ def class_weights(items, num_classes, smooth=0.05):
     return (w * num_classes / w.sum()).tolist()
 
 
-# -----------------------------------------------------------------------------
-# rewards: reward(pred (B, K, L), batch) -> (r (B, K), aux)
+# ---- rewards: reward(pred (B, K, L), batch) -> (r (B, K), aux) -------------------------------------------------------
 def box_iou(a, b):  # (..., P, 4), (..., G, 4) yxyx -> (..., P, G)
     lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
     rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
@@ -332,8 +329,7 @@ def conf_loss(logits, tokens, match_iou, num_classes):
     return (ce * valid).sum() / valid.numel()  # fixed denominator: equal under any DDP split
 
 
-# -----------------------------------------------------------------------------
-# metric: pycocotools COCOeval on the held-out split, in original image coordinates
+# ---- metric: pycocotools COCOeval on the held-out split, in original image coordinates -------------------------------
 def to_xywh(box, item):
     """Normalized [ymin, xmin, ymax, xmax] -> COCO [x, y, w, h] in the item's original pixels."""
     return [box[1] * item["w"], box[0] * item["h"], (box[3] - box[1]) * item["w"], (box[2] - box[0]) * item["h"]]
@@ -425,8 +421,7 @@ def evaluate_model(model, ds, gts, meta, device, n_images):
     return m, res, tok
 
 
-# -----------------------------------------------------------------------------
-# stages
+# ---- stages ----------------------------------------------------------------------------------------------------------
 def fits(ck, path, **want):
     """A checkpoint made for other data or flags stops here, in one line, not in a shape error deep in the model."""
     bad = [f"{k} {ck['config'][k]} (this run: {v})" for k, v in want.items() if ck["config"][k] != v]

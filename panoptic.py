@@ -25,19 +25,19 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 import common
 import vqvae
 from common import UserError
 
-# -----------------------------------------------------------------------------
-# config: one flat block; presets per data source, explicit flags override
+# ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
-    "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
-                      mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
-                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
+    # MLE to convergence (MLE continued gains < 0.5 PQ), then K = 8 at T = 0.5 (results/panoptic/probes/README.md)
+    "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=2400, mle_lr=1e-3,
+                      mle_warmup=100, mle_wd=0.05, reward_steps=250, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
+                      enc_lr_mult=1.0, samples=8, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
                       enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, temperature=0.5),
     # the paper's Table 5 (ViT-L/16, 24 decoder layers, 512 px); MLE: UViM's stage II (44.6k steps, lr 1e-3)
     "coco": dict(model="L/16", patch=16, dec_layers=24, batch_size=128, mle_steps=44600, mle_lr=1e-3, mle_warmup=4000,
@@ -45,26 +45,23 @@ PRESETS = {
                  samples=2, eval_images=5000, num_train=0, num_val=0, temperature=1.0)}
 TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8,
             num_train=64, num_val=8, mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
-# --tiny with any --data: the tiny model too (COCO's L/16 is ~2 min a step); its image size is the oracle's, always
-# (vqvae.TINY: 32 px, so 4 x 4 patches of 8)
+# --tiny, any --data: the tiny model too (COCO's L/16: ~2 min a step); image size: the oracle's (vqvae.TINY: 32 px)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these scenes (out/vqvae_panoptic/); encoder: "
-                    "pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained ViT); mle: "
+                    "the ViT learns the synthetic world's pixel classes (a stand-in for a pretrained ViT); mle: "
                     "pretrain; reward: tune from out/panoptic/mle; mle_cont: the fair control, MLE from the same "
-                    "start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: "
-                    "every checkpoint side by side; all: each in turn (an oracle already trained with the same flags "
-                    "is reused, --oracle PATH skips that stage)")
+                    "start at the reward stage's lr, warmup, schedule, steps (from its checkpoint); eval: every "
+                    "checkpoint side by side; all: each in turn (an oracle trained with the same flags is reused)")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="COCO root: annotations/panoptic_<split>.json, ...")
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
 p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
 p.add_argument("--oracle", default="", help="stage I checkpoint (default: out_dir/vqvae_panoptic/ckpt.pt)")
 p.add_argument("--oracle_flags", default="", help="--stage oracle: vqvae.py's flags (python vqvae.py --help; default: "
-               "its preset for --data), e.g. \"--steps 4000 --width 256\" or --oracle_flags=--no-local; --data "
-               "--data_dir --train_split --val_split --out_dir --seed --resume --tiny --workers --compile are this "
-               "script's")
+               "its preset), e.g. \"--steps 4000 --width 256\" or --oracle_flags=--no-local; --data --data_dir "
+               "--train_split --val_split --out_dir --seed --resume --tiny --workers --compile are this script's")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/panoptic/<stage>/")
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
@@ -101,8 +98,7 @@ p.add_argument("--num_val", type=int, default=None, help="synthetic held-out sce
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
 
-# -----------------------------------------------------------------------------
-# data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted)
+# ---- data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted) ------------------
 MAX_SEGMENTS = 100  # ground-truth segments per image the reward reads (COCO has up to ~90; synthetic <= 8)
 
 
@@ -196,8 +192,7 @@ def segment(oracle, tokens, image, min_segment=0):
     return seg, cat
 
 
-# -----------------------------------------------------------------------------
-# reward: PQ's counts per image, in memory and vectorized (no files, no Python loop over segments)
+# ---- reward: PQ's counts per image, in memory and vectorized (no files, no Python loop over segments) ----------------
 def pq_counts(gt, gt_cat, gt_crowd, pred, pred_cat):
     """Per-image TP / FP / FN and summed matched IoU under pq_compute's rules, for a batch.
     gt (N, H, W) segment index 0..G (0 = void), gt_cat (N, G+1) category (-1: no such segment), gt_crowd
@@ -235,9 +230,8 @@ def reward_pq(pred, batch):
 REWARDS = {"pq": reward_pq}
 
 
-# -----------------------------------------------------------------------------
-# metric: COCO panoptic format, PQ as panopticapi computes it
-VOID, OFFSET, GROUPS = 0, 256 ** 3, ("All", "Things", "Stuff")
+# ---- metric: COCO panoptic format, PQ as panopticapi computes it -----------------------------------------------------
+VOID, OFFSET, GROUPS, SIZES = 0, 256 ** 3, ("All", "Things", "Stuff"), ("Things small", "Things large")  # SIZES: ours
 
 
 def rgb2id(png):
@@ -258,11 +252,13 @@ def read_ids(path):
         raise UserError(f"{path}: not a readable panoptic PNG ({type(e).__name__})")
 
 
-def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats):
-    """One image: add TP / FP / FN counts and matched IoUs to stats {category: [iou, tp, fp, fn]}.
+def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats, split=None):
+    """One image: add TP / FP / FN counts and matched IoUs to stats {category: [iou, tp, fp, fn]}; with an area
+    `split`, to stats {(category, area >= split): ...}: the GT's area for TP and FN, the prediction's for FP.
     A pair matches if same category, GT not crowd and IoU > 0.5, where IoU = |p & g| / (|p| + |g| - |p & g|
     - |p & void|) with |g| the GT json's area. Unmatched non-crowd GT: FN. Unmatched prediction: FP unless
     more than half of it lies on void or on a crowd region of its category."""
+    key = (lambda c, area: c) if split is None else (lambda c, area: (c, area >= split))
     pairs, counts = np.unique(gt_ids.astype(np.uint64) * OFFSET + pred_ids.astype(np.uint64), return_counts=True)
     inter = {(int(k // OFFSET), int(k % OFFSET)): int(c) for k, c in zip(pairs, counts)}
     gt_matched, pred_matched = set(), set()
@@ -272,7 +268,7 @@ def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats):
             continue
         iou = n / (pred_segs[q]["area"] + gt_segs[g]["area"] - n - inter.get((VOID, q), 0))
         if iou > 0.5:
-            s = stats.setdefault(gt_segs[g]["category_id"], [0.0, 0, 0, 0])
+            s = stats.setdefault(key(gt_segs[g]["category_id"], gt_segs[g]["area"]), [0.0, 0, 0, 0])
             s[0], s[1] = s[0] + iou, s[1] + 1
             gt_matched.add(g)
             pred_matched.add(q)
@@ -283,7 +279,7 @@ def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats):
         if seg.get("iscrowd", 0) == 1:
             crowd[seg["category_id"]] = g  # one crowd region per category (panopticapi keeps the last)
             continue
-        stats.setdefault(seg["category_id"], [0.0, 0, 0, 0])[3] += 1
+        stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[3] += 1
     for q, seg in pred_segs.items():
         if q in pred_matched:
             continue
@@ -292,7 +288,7 @@ def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats):
             ignored += inter.get((crowd[seg["category_id"]], q), 0)
         if ignored / seg["area"] > 0.5:
             continue
-        stats.setdefault(seg["category_id"], [0.0, 0, 0, 0])[2] += 1
+        stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[2] += 1
 
 
 def pq_average(stats, categories, isthing):
@@ -317,7 +313,9 @@ def pq_average(stats, categories, isthing):
 
 def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
     """panopticapi's pq_compute: {"All" | "Things" | "Stuff": {pq, sq, rq, n}, "per_class": {category id:
-    {pq, sq, rq}}}, values in [0, 1]. Folders default to the json paths without '.json'."""
+    {pq, sq, rq}}}, values in [0, 1]. Folders default to the json paths without '.json'. Ours on top: "Things
+    small" / "Things large" (split at the median area of the GT's things: a GT segment by its area, an unmatched
+    prediction by its own), fp_per_image (unmatched, not ignored predictions) and split_area."""
     def load(path):
         try:
             with open(path) as f:
@@ -333,7 +331,9 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
     try:
         categories = {c["id"]: c for c in gt_json["categories"]}
         preds = {a["image_id"]: a for a in pred_json["annotations"]}
-        stats = {}
+        things = sorted(s["area"] for a in gt_json["annotations"] for s in a["segments_info"]
+                        if categories[s["category_id"]].get("isthing") and not s.get("iscrowd"))
+        split, stats = things[len(things) // 2] if things else 0, {}
         for gt in gt_json["annotations"]:
             if gt["image_id"] not in preds:
                 raise UserError(f"{pred_json_file}: no prediction for the image with id {gt['image_id']}")
@@ -356,15 +356,18 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
             gt_ids = read_ids(os.path.join(gt_folder, gt["file_name"]))
             if gt_ids.shape != pred_ids.shape:
                 raise UserError(f"{pred['file_name']}: {pred_ids.shape} pixels, ground truth {gt_ids.shape}")
-            pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats)
+            pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats, split)
     except (KeyError, TypeError) as e:
         raise UserError(f"{gt_json_file} / {pred_json_file}: malformed COCO panoptic json (missing {e})")
-    res = {g: pq_average(stats, categories, t)[0] for g, t in zip(GROUPS, (None, True, False))}
-    return dict(res, per_class=pq_average(stats, categories, None)[1])
+    merged = {c: [sum(x) for x in zip(*(v for (d, _), v in stats.items() if d == c))] for c, _ in stats}  # summed back
+    res = {g: pq_average(merged, categories, t)[0] for g, t in zip(GROUPS, (None, True, False))}
+    for name, big in zip(SIZES, (False, True)):
+        res[name] = pq_average({c: v for (c, b), v in stats.items() if b == big}, categories, True)[0]
+    fp = sum(v[2] for v in stats.values()) / max(len(gt_json["annotations"]), 1)
+    return dict(res, per_class=pq_average(merged, categories, None)[1], fp_per_image=fp, split_area=split)
 
 
-# -----------------------------------------------------------------------------
-# eval: greedy codes -> segments; PQ in memory while training, through files (COCO panoptic format) at eval
+# ---- eval: greedy codes -> segments; PQ in memory while training, through files (COCO panoptic format) at eval -------
 @torch.no_grad()
 def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
     """Greedy segmentations of the first n_images -> [(segment index (S, S) uint32, {index: category id})].
@@ -413,8 +416,7 @@ def write_coco(folder, json_path, annotations, categories=None):
             image_id=i, file_name=f"{i}.png", segments_info=segs) for i, _, segs in annotations]), f)
 
 
-# -----------------------------------------------------------------------------
-# stages
+# ---- stages ----------------------------------------------------------------------------------------------------------
 def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
@@ -528,15 +530,29 @@ def train(args, stage):
     common.ddp_end_stage()
 
 
-PALETTE = np.random.default_rng(3).integers(40, 256, (256, 3)).astype(np.uint8)
+def class_colours(categories):
+    """Category id -> RGB: things bright at evenly spaced hues, stuff dull at the hues between; every column alike."""
+    groups = [[c for c in categories if bool(c.get("isthing")) == t] for t in (True, False)]
+    return {c["id"]: Image.new("HSV", (1, 1), (int(255 * (i + off) / len(g)), sat, val)).convert("RGB").getpixel((0, 0))
+            for g, (sat, val, off) in zip(groups, ((220, 240, 0), (110, 150, 0.5))) for i, c in enumerate(g)}
 
 
-def picture(ids, cats, scene_image):
-    """A segmentation as a picture: each segment a colour of its category, blended with the image."""
-    col = np.zeros(ids.shape + (3,), np.uint8)
+def picture(ids, cats, colours):
+    """Each segment its category's colour x 0.7..1.3 (instances as shades), thin dark boundaries, void black."""
+    col, d = np.zeros(ids.shape + (3,), np.float32), ids.astype(np.int64)
     for q, c in cats.items():
-        col[ids == q] = (PALETTE[c] * 0.6 + PALETTE[(q * 37) % 256] * 0.4).astype(np.uint8)
-    return Image.fromarray((0.75 * col + 0.25 * scene_image).astype(np.uint8))
+        col[ids == q] = np.array(colours[c]) * (0.7 + 0.6 * ((q * 0.618) % 1))
+    col[np.pad(np.diff(d, axis=0) != 0, ((1, 0), (0, 0))) | np.pad(np.diff(d, axis=1) != 0, ((0, 0), (1, 0)))] *= 0.3
+    return Image.fromarray(col.clip(0, 255).astype(np.uint8))
+
+
+def add_legend(path, categories, colours):  # a row below the grid at path: each category's colour and name
+    grid = Image.open(path).convert("RGB")
+    out, w, y = ImageOps.expand(grid, (0, 0, 0, 20), "white"), grid.width // len(categories), grid.height + 4
+    for i, c in enumerate(categories):
+        ImageDraw.Draw(out).rectangle([i * w + 4, y, i * w + 16, y + 12], colours[c["id"]])
+        ImageDraw.Draw(out).text((i * w + 20, y), c["name"], fill="black")
+    out.save(path)
 
 
 def evaluate(args):
@@ -577,21 +593,27 @@ def evaluate(args):
         res = pq_compute(gt_json, pj, gt_folder, os.path.join(out, f"pred_{name}"))
         ck = cks[name][1] if name in cks else None
         prior = ck["meta"].get("prior", 0) if ck else 0  # steps e.g. "1500+300"
-        rows[name] = dict({g: {k: v if k == "n" else 100 * v for k, v in res[g].items()} for g in GROUPS},
+        rows[name] = dict({g: {k: v if k == "n" else 100 * v for k, v in res[g].items()} for g in GROUPS + SIZES},
                           steps="-" if ck is None else f"{prior}+{ck['step']}" if prior else str(ck["step"]),
-                          segments=float(np.mean([len(c) for _, c in pr])))
+                          segments=float(np.mean([len(c) for _, c in pr])), fp_per_image=res["fp_per_image"])
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    table = ["| model | steps | PQ | SQ | RQ | PQ things | PQ stuff | segments/img |", "|---" * 8 + "|"]
-    table += [f"| {k} | {r['steps']} | {r['All']['pq']:.1f} | {r['All']['sq']:.1f} | {r['All']['rq']:.1f} | "
-              f"{r['Things']['pq']:.1f} | {r['Stuff']['pq']:.1f} | {r['segments']:.2f} |" for k, r in rows.items()]
+    cols = [("PQ", "All", "pq"), ("SQ", "All", "sq"), ("RQ", "All", "rq"), ("PQ things", "Things", "pq"), ("PQ small "
+             "things", SIZES[0], "pq"), ("PQ large things", SIZES[1], "pq"), ("PQ stuff", "Stuff", "pq")]
+    table = [" | ".join(["| model | steps"] + [h for h, _, _ in cols] + ["segments/img | FP segments/img |"]),
+             "|---" * 11 + "|"]
+    table += [" | ".join([f"| {k} | {r['steps']}"] + [f"{r[g][m]:.1f}" for _, g, m in cols]
+                         + [f"{r['segments']:.2f} | {r['fp_per_image']:.2f} |"]) for k, r in rows.items()]
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"held-out {n} images, greedy codes\n\n" + "\n".join(table) + "\n")
+        f.write(f"held-out {n} images, greedy codes; small / large things: area below / at least the median thing "
+                f"area of the ground truth ({res['split_area']} pixels)\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
+    colours = class_colours(va.categories)
     grid = [[Image.fromarray(s["image"]), picture(s["panoptic"], {g["id"]: g["category_id"] for g in s["segments"]},
-                                                  s["image"])] + [picture(*preds[k][i], s["image"]) for k in cks]
+                                                  colours)] + [picture(*preds[k][i], colours) for k in cks]
             for i, s in enumerate(va.scene(i) for i in range(min(8, n)))]  # at the model's resolution
     common.save_grid(grid, ["image", "ground truth"] + list(cks), os.path.join(out, "grid.png"))
+    add_legend(os.path.join(out, "grid.png"), va.categories, colours)
     print(f"wrote {out}/metrics.json, table.md, gt.json + gt/, pred_<model>.json + pred_<model>/, grid.png")
 
 

@@ -76,6 +76,22 @@ def test_prediction_mostly_on_void_is_not_a_false_positive(tmp_path):
     close(r["Things"], 0, 0, 0, 1), close(r["Stuff"], 0.75, 0.75, 1, 1)
 
 
+def test_small_and_large_things_split_at_the_median_gt_thing_area(tmp_path):
+    # GT things: square 1 (2 px), circle 2 (8 px), square 3 (4 px); sky 9 the other 22. Sorted thing areas 2, 4, 8:
+    # median (the middle one) 4, so small = area < 4: square 1 only. Pred: 1 and 2 exact (TP), square 3 painted sky
+    # (FN, by its GT area 4: large), a circle 5 of 4 px on the sky (FP, by its own area: large).
+    g = grid(["119999", "999999", "992222", "992222", "999999", "333399"])
+    p = grid(["119999", "999999", "992222", "992222", "555599", "999999"])
+    r = write(tmp_path, g, {1: (1, 0), 2: (2, 0), 3: (1, 0), 9: (6, 0)}, p, {1: 1, 2: 2, 5: 2, 9: 6})
+    assert r["split_area"] == 4 and r["fp_per_image"] == 1
+    close(r["Things small"], 1, 1, 1, 1)  # square: TP 1, IoU 1; no small circle at all
+    # large: square FN 1 -> 0; circle TP 1 (IoU 1) + FP 1 -> pq = rq = 1 / (1 + 0.5), sq 1: mean over the two
+    close(r["Things large"], (0 + 2 / 3) / 2, (0 + 1) / 2, (0 + 2 / 3) / 2, 2)
+    # panopticapi's groups are unchanged by the split: square TP 1 + FN 1, circle TP 1 + FP 1 -> 2/3 each
+    close(r["Things"], 2 / 3, 1, 2 / 3, 2)
+    close(r["Stuff"], 18 / 26, 18 / 26, 1, 1)  # sky: 18 px shared, 22 GT, 22 predicted
+
+
 def test_crowd_region(tmp_path):
     # GT: left half a crowd of squares (8 px), right half sky (8 px). Pred square on one crowd column: never a
     # match, 100% on a crowd of its own category -> ignored; the crowd is never a FN. Pred circle on the other
