@@ -5,7 +5,10 @@ of an image given its gray version. Stage II: a ViT encoder reads the gray image
 (token = code + 1, BOS 0); the frozen oracle decodes them back to colours. MLE imitates the true colours, which the
 gray image does not determine (an object's hue is a guess), so the model hedges. The reward stage samples
 K colourings, scores each with colorfulness = vivid fraction x hue entropy, and raises the likelihood of
-those above the mean of the other K-1.
+those above the mean of the other K-1. Colorfulness counts pixels, so confetti (every patch its own hue) scores as
+well as coloured objects: `--reward vivid_coherent` multiplies it by the agreement of neighbouring pixels' colours
+where the gray image has no edge (a reward written in ten minutes; it needs no segments), and the eval table's
+coherence (synthetic world: the share of each true segment in its most common colour) shows which one you got.
 
     python colorize.py              # the synthetic world, every stage: oracle, mle, reward, mle_cont, eval
     python colorize.py --tiny       # every stage in about a minute (smoke test)
@@ -82,7 +85,9 @@ p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
 p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
-p.add_argument("--reward", default="colorfulness", choices=["colorfulness"], help="reward to optimize (REWARDS)")
+p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
+               help="reward to optimize (REWARDS): the paper's colorfulness, or it x the agreement of neighbouring "
+                    "pixels' colours where the gray image has no edge")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -155,10 +160,11 @@ def recolour_stuff(scene, rng, muted=0.7, keep_chroma=0.15):
 
 
 def load_synthetic(split, n, size, seed):
-    """The shared synthetic world with photo-like backgrounds (recolour_stuff, seeded per scene)."""
+    """The shared synthetic world with photo-like backgrounds (recolour_stuff, seeded per scene), each with its
+    panoptic map (S, S) of segment ids (0 = void; the scenes are drawn at the model's size S): coherence's segments."""
     scenes = common.synthetic_world(split, n, size, seed)
-    return [dict(id=i, image=recolour_stuff(s, np.random.default_rng([seed, 7, len(split), i])))  # 5: train, 3: val
-            for i, s in enumerate(scenes)]
+    return [dict(id=i, image=recolour_stuff(s, np.random.default_rng([seed, 7, len(split), i])),  # 5: train, 3: val
+                 panoptic=s["panoptic"]) for i, s in enumerate(scenes)]  # the cached scene's array, not a copy
 
 
 def load_folder(args):
@@ -209,7 +215,15 @@ def colours(oracle, tokens, gray):
     return ((out.clamp(-1, 1) + 1) / 2).view(B, K, *out.shape[1:])
 
 
-# ---- reward: colorfulness (the paper's), on the decoded images -------------------------------------------------------
+# ---- rewards: colorfulness (the paper's), vivid_coherent (ours), on the decoded images -------------------------------
+def hue_bin(a, b, bins=7):
+    """Lab a, b (any shape) -> hue bin in 0..bins-1: atan2(b, a) in `bins` equal bins over (-pi, pi]
+    (a pixel with chroma <= 1e-3 gets hue 0: atan2(0, 0) = 0, not rounding noise)."""
+    hue = torch.where((a ** 2 + b ** 2).sqrt() > 1e-3, torch.atan2(b, a), 0.0)
+    hue = torch.where(hue <= -math.pi, math.pi, hue)  # atan2 gives -pi for b = -0.0: the interval is (-pi, pi]
+    return (torch.ceil((hue + math.pi) / (2 * math.pi / bins)) - 1).clamp(0, bins - 1).long()
+
+
 def colorfulness(images, min_chroma=10.0, bins=7):
     """(N, 3, H, W) sRGB in [0, 1] -> (score, vivid_fraction, hue_entropy), each (N,).
     vivid = fraction of pixels with Lab chroma sqrt(a^2 + b^2) > 10; hue = atan2(b, a) of every pixel in 7
@@ -217,14 +231,17 @@ def colorfulness(images, min_chroma=10.0, bins=7):
     score = vivid x entropy.
     The vivid term is flat above the threshold, so it does not pay for ever more saturated colours."""
     _, a, b = srgb_to_lab(images.float())
-    chroma = (a ** 2 + b ** 2).sqrt()
-    vivid = (chroma > min_chroma).float().mean((1, 2))
-    hue = torch.where(chroma > 1e-3, torch.atan2(b, a), 0.0)  # a neutral pixel: atan2(0, 0) = 0, not rounding noise
-    hue = torch.where(hue <= -math.pi, math.pi, hue)  # atan2 gives -pi for b = -0.0: the interval is (-pi, pi]
-    k = (torch.ceil((hue + math.pi) / (2 * math.pi / bins)) - 1).clamp(0, bins - 1).long()
-    hist = F.one_hot(k.flatten(1), bins).float().mean(1)  # (N, bins)
+    vivid = ((a ** 2 + b ** 2).sqrt() > min_chroma).float().mean((1, 2))
+    hist = F.one_hot(hue_bin(a, b, bins).flatten(1), bins).float().mean(1)  # (N, bins)
     entropy = -(hist * hist.clamp(min=1e-12).log()).sum(1)
     return vivid * entropy, vivid, entropy
+
+
+def colour_labels(images, min_chroma=10.0, bins=7):
+    """(N, 3, H, W) sRGB in [0, 1] -> (N, H, W) long: the pixel's hue bin (colorfulness's) if its chroma is
+    > 10, else `bins` (neutral: gray, white, black and faint tints are one label whatever their hue)."""
+    _, a, b = srgb_to_lab(images.float())
+    return torch.where((a ** 2 + b ** 2).sqrt() > min_chroma, hue_bin(a, b, bins), bins)
 
 
 def reward_colorfulness(pred, batch):
@@ -234,9 +251,52 @@ def reward_colorfulness(pred, batch):
     return score.view(B, K), dict(vivid=vivid.mean(), hue_entropy=entropy.mean())
 
 
-REWARDS = {"colorfulness": reward_colorfulness}
+def reward_vivid_coherent(pred, batch, edge=0.05):
+    """r = colorfulness x agreement, agreement = |{flat pairs with one label}| / |{flat pairs}| (1 if none):
+    over the pairs of a pixel and its right or lower neighbour, a label as in colour_labels (hue bin if chroma
+    > 10, else neutral), a pair "flat" if the gray input differs by < 0.05 across it (|g(p) - g(q)|, g in [0, 1]).
+    Colorfulness counts pixels, so confetti scores as well as coloured objects; agreement asks for one colour
+    where the gray image shows no edge (an object's inside), and lets the colour change where it has one. It reads
+    only the prediction and the gray input, so it works on photos too. 0.05: 98% of the synthetic world's pairs
+    inside a segment are below it (pixel noise), 30% of the pairs across a boundary too (same L*: no edge).
+    pred (B, K, 3, H, W) in [0, 1], batch["gray"] (B, C, H, W) in [0, 1] (every channel equal) -> r (B, K)."""
+    B, K, _, H, W = pred.shape
+    score, vivid, entropy = colorfulness(pred.flatten(0, 1))
+    lab = colour_labels(pred.flatten(0, 1)).view(B, K, H, W)
+    g = batch["gray"][:, :1].float()  # (B, 1, H, W): broadcasts over the K samples
+    same, flat = [], []
+    for d in (3, 2):  # right neighbours, then lower neighbours
+        n = lab.shape[d] - 1
+        same.append((lab.narrow(d, 0, n) == lab.narrow(d, 1, n)).flatten(2))  # (B, K, pairs)
+        flat.append(((g.narrow(d, 0, n) - g.narrow(d, 1, n)).abs() < edge).flatten(2))  # (B, 1, pairs)
+    same, flat = torch.cat(same, 2), torch.cat(flat, 2).float()
+    n_flat = flat.sum(2)  # (B, 1)
+    agree = torch.where(n_flat > 0, (same * flat).sum(2) / n_flat.clamp(min=1), 1.0)  # (B, K)
+    return score.view(B, K) * agree, dict(vivid=vivid.mean(), hue_entropy=entropy.mean(),
+                                          colorfulness=score.mean(), agreement=agree.mean())
 
-# ---- metric: colorfulness and both terms, PSNR to the true colours, the saturation-hacking indicator -----------------
+
+REWARDS = {"colorfulness": reward_colorfulness, "vivid_coherent": reward_vivid_coherent}
+
+# ---- metric: colorfulness and both terms, coherence, PSNR to the true colours, the saturation-hacking indicator -----
+def coherence(images, segments, min_chroma=10.0, bins=7):
+    """Do the colourings keep each ground-truth segment in one colour? (N, 3, H, W) sRGB in [0, 1], segments
+    (N, H, W) integer ids (0 = void, not counted) -> (N,):
+        coherence = 1/|S| sum_{s in S} max_l |{p in s : label(p) = l}| / |s|
+    over the segments S of an image (every thing and stuff region), label(p) = p's hue bin (colorfulness's 7) if
+    its chroma > 10, else neutral. The mean over segments, not pixels: a small object counts as much as the sky.
+    One colour per segment gives 1, confetti of L equally common labels about 1/L. (No segment at all: 0.)"""
+    lab = colour_labels(images, min_chroma, bins).flatten(1)  # (N, H W) in 0..bins
+    seg = segments.to(lab.device).long().flatten(1)
+    N, M, L = seg.shape[0], int(seg.max()) + 1, bins + 1
+    ones = torch.ones_like(lab, dtype=torch.float)
+    counts = torch.zeros(N, M * L, device=lab.device).scatter_add_(1, seg * L + lab, ones).view(N, M, L)  # pixels
+    size = counts.sum(2)
+    real = (size > 0) & (torch.arange(M, device=lab.device) > 0)  # (N, M): present, not void
+    share = counts.max(2).values / size.clamp(min=1)
+    return (share * real).sum(1) / real.sum(1).clamp(min=1)
+
+
 def gamut_edge(images):
     """(N, 3, H, W) in [0, 1] -> (N,) fraction of pixels with a channel at 0 or 255 (8 bits): colours pushed
     out of the sRGB gamut end there (clipped), so a model that hacks saturation raises it."""
@@ -250,10 +310,17 @@ def psnr(images, truth):
     return 10 * torch.log10(4 / mse.clamp(min=1e-10))
 
 
-def image_metrics(images, truth):
+def image_metrics(images, truth, segments=None):  # segments (N, S, S) or None (photos: coherence unknown)
     score, vivid, entropy = colorfulness(images)
-    return dict(colorfulness=score, vivid=vivid, hue_entropy=entropy, psnr=psnr(images, truth),
+    return dict(colorfulness=score, vivid=vivid, hue_entropy=entropy,
+                coherence=None if segments is None else coherence(images, segments), psnr=psnr(images, truth),
                 gamut_edge=gamut_edge(images))
+
+
+def segment_maps(ds, n):
+    """The first n held-out items' panoptic maps (n, S, S), or None if they have none (photos)."""
+    maps = [ds.items[i].get("panoptic") for i in range(n)]
+    return None if any(m is None for m in maps) else torch.from_numpy(np.stack(maps))
 
 
 @torch.no_grad()
@@ -276,8 +343,8 @@ def predict(model, oracle, ds, device, n_images, temperature, seed, batch_size=5
     return torch.cat(out), torch.cat(truth)
 
 
-def summarize(m):
-    return {k: float(v.mean()) for k, v in m.items()}
+def summarize(m):  # per-image metrics -> their means (None stays None: "n/a")
+    return {k: None if v is None else float(v.mean()) for k, v in m.items()}
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
@@ -315,8 +382,8 @@ def train_oracle(args):
 
 def train(args, stage):
     """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on the oracle's codes of
-    the true colours. Reward: sample K code sequences, decode them with the oracle, colorfulness each,
-    REINFORCE with the leave-one-out baseline."""
+    the true colours. Reward: sample K code sequences, decode them with the oracle, score each (--reward: it gets
+    the gray input too), REINFORCE with the leave-one-out baseline."""
     init = args.init or (os.path.join(args.out_dir, "colorize", "mle", "ckpt.pt") if stage != "mle" else "")
     ck = common.load_ckpt(init, "colorize") if init else None
     rank, world, device, oracle, oracle_path, tr, va = setup(args)
@@ -356,7 +423,7 @@ def train(args, stage):
             noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
             with common.autocast(device):
                 tok, _ = common.sample(raw, gray[s], L, args.samples, args.temperature, noise=noise, allowed=allowed)
-            r, aux = REWARDS[args.reward](colours(oracle, tok, gray[s]), {})
+            r, aux = REWARDS[args.reward](colours(oracle, tok, gray[s]), dict(gray=(gray[s] + 1) / 2))  # [0, 1]
             with common.autocast(device):
                 loss, _, _, _, st = common.reinforce_loss(model, gray[s], tok, r,
                                                           torch.ones_like(tok, dtype=torch.bool),
@@ -377,7 +444,8 @@ def train(args, stage):
             common.save_stage(path, "colorize", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
             pred, truth = predict(raw, oracle, va, device, args.eval_images, args.eval_temperature, args.seed)
-            log(step + 1, **{f"val_{k}": v for k, v in summarize(image_metrics(pred, truth)).items()})
+            m = summarize(image_metrics(pred, truth, segment_maps(va, len(pred))))
+            log(step + 1, **{f"val_{k}": v for k, v in m.items() if v is not None})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_end_stage()
 
@@ -410,15 +478,18 @@ def evaluate(args):
             gray, rgb = gray.to(device), rgb.to(device)
             recon.append(colours(oracle, vqvae.encode(oracle, rgb, gray)[:, None] + 1, gray)[:, 0].cpu())
     rows = {"truth": (truth, "-"), "oracle": (torch.cat(recon), "-"), **{k: (v, steps[k]) for k, v in imgs.items()}}
-    metrics = {name: dict(summarize(image_metrics(x, truth)), steps=s) for name, (x, s) in rows.items()}
+    segs = segment_maps(va, n)  # None on photos: coherence "n/a"
+    metrics = {name: dict(summarize(image_metrics(x, truth, segs)), steps=s) for name, (x, s) in rows.items()}
     for name, (x, _) in rows.items():  # the colourings, as PNGs
         os.makedirs(os.path.join(out, name), exist_ok=True)
         for i in range(n):
             to_pil(x[i]).save(os.path.join(out, name, f"{i:04d}.png"))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    table = ["| colours | steps | colorfulness | vivid | hue entropy | PSNR | gamut edge |", "|---" * 7 + "|"]
+    table = ["| colours | steps | colorfulness | vivid | hue entropy | coherence | PSNR | gamut edge |",
+             "|---" * 8 + "|"]
     table += [f"| {k} | {m['steps']} | {m['colorfulness']:.3f} | {m['vivid']:.3f} | {m['hue_entropy']:.3f} | "
+              f"{'n/a' if m['coherence'] is None else format(m['coherence'], '.3f')} | "
               f"{'-' if k == 'truth' else format(m['psnr'], '.2f')} | {m['gamut_edge']:.4f} |"
               for k, m in metrics.items()]
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -1,4 +1,5 @@
-"""colorize.py: Lab conversion, the colorfulness reward, the metrics, the folder loader, the CLI.
+"""colorize.py: Lab conversion, the rewards (colorfulness, vivid_coherent), the metrics (coherence too),
+the folder loader, the CLI.
 Run: python -m pytest -q tests/test_colorize.py"""
 import argparse
 import json
@@ -86,6 +87,92 @@ def test_reward_scores_each_sample():
     assert abs(aux["vivid"].item() - 0.75) < 1e-6
 
 
+def hue(deg, chroma=30.0, L=60.0):  # an sRGB colour (3,) of Lab lightness L, chroma and hue angle (in gamut)
+    return tuple(colorize.lab_to_srgb(L, chroma * math.cos(math.radians(deg)), chroma * math.sin(math.radians(deg))))
+
+
+def paint(rows):  # rows of colours (3,) -> (1, 3, H, W)
+    return torch.tensor(np.array(rows, np.float64)).permute(2, 0, 1)[None].float()
+
+
+# the 7 hue bins over (-180, 180] degrees have edges at -180 + k 360 / 7: -25.7 | 25.7 | 77.1 ...
+RED, RED2, ORANGE, BLUE, GRAY, DARK = hue(60), hue(40), hue(90), hue(-100), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)
+FAINT, TINT = hue(-100, chroma=6), hue(0, chroma=6)  # tints below the vivid threshold: neutral whatever their hue
+
+
+def test_coherence_one_colour_per_segment_is_one():
+    x = paint([[RED, RED, BLUE, BLUE]] * 2 + [[GRAY, DARK, FAINT, TINT]] * 2)  # (1, 3, 4, 4)
+    seg = torch.tensor([[[1, 1, 2, 2]] * 2 + [[3, 3, 3, 3]] * 2])  # segment 3: four neutral shades, one label
+    assert colorize.coherence(x, seg).tolist() == [1.0]
+    x = paint([[RED, RED2, BLUE, BLUE]] * 2 + [[GRAY, DARK, FAINT, ORANGE], [GRAY, DARK, FAINT, BLUE]])  # 60, 40
+    seg = torch.tensor([[[1, 1, 2, 2]] * 2 + [[3, 3, 3, 0]] * 2])  # deg share a bin; void (0) is not a segment
+    assert colorize.coherence(x, seg).tolist() == [1.0]
+
+
+def test_coherence_known_splits():
+    # segment 1 (8 px): 6 red + 2 orange (60 and 90 deg: other bins) -> 6/8; segment 2 (4 px): 2 blue + 2 gray
+    # -> 2/4; segment 3 (4 px): 3 neutral shades + 1 blue -> 3/4. Mean over segments (not pixels): (3/4 + 1/2 + 3/4) / 3
+    x = paint([[RED, RED, RED, ORANGE], [RED, RED, RED, ORANGE], [BLUE, BLUE, GRAY, DARK], [GRAY, GRAY, FAINT, BLUE]])
+    seg = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    want = (6 / 8 + 2 / 4 + 3 / 4) / 3
+    # a second image with its own ids: the one segment half red, half orange -> 1/2
+    y = paint([[RED, ORANGE, RED, ORANGE]] * 4)
+    got = colorize.coherence(torch.cat([x, y]), torch.stack([seg, torch.full((4, 4), 5)]))
+    assert got.shape == (2,) and abs(got[0].item() - want) < 1e-6 and abs(got[1].item() - 0.5) < 1e-6
+
+
+def test_vivid_coherent_tells_objects_from_confetti():
+    quads = [[RED] * 8 + [BLUE] * 8] * 8 + [[GRAY, TINT] * 4 + [ORANGE] * 8] * 8  # 4 labels, 4 colorfulness bins
+    x = paint(quads)  # (1, 3, 16, 16)
+    confetti = x.flatten(2)[:, :, torch.randperm(256, generator=torch.Generator().manual_seed(0))].view_as(x)
+    pred, gray = torch.stack([x, confetti], 1), {"gray": torch.full((1, 3, 16, 16), 0.5)}  # (1, 2, ...): K = 2
+    r0, _ = colorize.reward_colorfulness(pred, {})
+    assert abs(r0[0, 0] - r0[0, 1]) < 1e-6  # the paper's score cannot tell them apart (a pixel histogram)
+    r, aux = colorize.reward_vivid_coherent(pred, gray)
+    # the quadrants: 480 neighbour pairs, 32 across a quadrant edge (the gray is flat everywhere)
+    col = 0.75 * math.log(4)  # vivid 3/4; 4 hue bins of 1/4 each: gray and tint (hue 0), red, orange, blue
+    assert abs(r[0, 0].item() - col * 448 / 480) < 1e-5
+    assert r[0, 1] < 0.5 * r[0, 0]  # confetti: a neighbour shares the label about 1/4 of the time
+
+
+def test_vivid_coherent_gray_edges_excuse_colour_changes():
+    x = paint([[RED, RED, BLUE, BLUE]] * 4)[:, None]  # (1, 1, 3, 4, 4): colorfulness 1 x ln 2
+    flat = torch.full((1, 3, 4, 4), 0.5)
+    edge = flat.clone()
+    edge[..., 2:] = 0.8  # the gray image has an edge where the colour changes
+    off = flat.clone()
+    off[:, :, 2:] = 0.8  # an edge elsewhere (between rows 1 and 2) excuses nothing that changes
+    r = [colorize.reward_vivid_coherent(x, {"gray": g})[0].item() for g in (flat, edge, off)]
+    # 24 neighbour pairs, 4 across the colour change: flat 20/24; edge: those 4 are not counted -> 20/20;
+    # off: the 4 vertical pairs across its edge (all same colour) are dropped -> 16/20
+    want = [math.log(2) * 20 / 24, math.log(2), math.log(2) * 16 / 20]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(r, want)), (r, want)
+    r, aux = colorize.reward_vivid_coherent(x, {"gray": torch.tensor([[0.0, 1.0] * 2, [1.0, 0.0] * 2] * 2)
+                                                .expand(1, 3, 4, 4)})
+    assert abs(r.item() - math.log(2)) < 1e-5 and aux["agreement"] == 1  # no flat pair: nothing to disagree
+
+
+def test_vivid_coherent_by_hand_per_image_gray_and_k():
+    # 2 x 3 colourings; labels: R = red (60 deg), B = blue, N = gray (neutral; colorfulness puts its hue 0 in a
+    # third bin)
+    p1 = paint([[RED, RED, GRAY], [RED, BLUE, BLUE]])  # R R N / R B B
+    p2 = paint([[RED, RED, BLUE], [RED, RED, BLUE]])  # R R B / R R B
+    g1 = torch.tensor([[0.5, 0.5, 0.9], [0.5, 0.5, 0.9]]).expand(1, 3, 2, 3)  # an edge between columns 1 and 2
+    g2 = torch.full((1, 3, 2, 3), 0.3)  # flat
+    pred = torch.stack([torch.cat([p1, p2]), torch.cat([p2, p1])])  # (B=2, K=2, 3, 2, 3)
+    r, aux = colorize.reward_vivid_coherent(pred, {"gray": torch.cat([g1, g2])})
+    h1 = -(1 / 2 * math.log(1 / 2) + 1 / 3 * math.log(1 / 3) + 1 / 6 * math.log(1 / 6))  # p1: R 3, B 2, N 1 of 6
+    c1 = 5 / 6 * h1  # vivid 5 of 6
+    c2 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))  # p2: R 4, B 2, all vivid
+    # p1 under g1: flat pairs RR (row 0), RB (row 1), RR, RB, NB (columns) -> 2 of 5 agree; the edge drops RN, BB
+    # p2 under g1: flat pairs RR, RR, RR, RR, BB -> 5 of 5
+    # p2 under g2: all 7 pairs flat: RR, RB, RR, RB, RR, RR, BB -> 5 of 7
+    # p1 under g2: RR, RN, RB, BB, RR, RB, NB -> 3 of 7
+    want = torch.tensor([[c1 * 2 / 5, c2 * 1.0], [c2 * 5 / 7, c1 * 3 / 7]])
+    assert r.shape == (2, 2) and torch.allclose(r, want, atol=1e-5), (r, want)
+    assert abs(aux["agreement"].item() - (2 / 5 + 1 + 5 / 7 + 3 / 7) / 4) < 1e-6
+
+
 def test_psnr_and_gamut_edge_by_hand():
     truth = img((0.5, 0.5, 0.5)).float()
     # 0.1 off in [0, 1] = 0.2 in [-1, 1]: MSE 0.04, PSNR = 10 log10(4 / 0.04) = 20 dB
@@ -141,6 +228,8 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
     m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
     assert list(m) == ["truth", "oracle", "mle", "mle_cont", "reward"]
     assert m["reward"]["steps"] == "30+10" and m["mle_cont"]["steps"] == "30+10" and m["truth"]["psnr"] > 90
+    assert m["truth"]["coherence"] > 0.9 and all(0 < r["coherence"] <= 1 for r in m.values())  # every row has one
+    assert "| coherence |" in p.stdout
     assert len(os.listdir(tmp_path / "out" / "colorize" / "eval" / "reward")) == 8
     assert Image.open(tmp_path / "out" / "colorize" / "eval" / "grid.png").size[1] > 8 * 32
     ck = torch.load(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt", weights_only=True)
@@ -164,3 +253,12 @@ def test_tiny_on_a_folder_of_photos_trains_the_oracle_and_the_tiny_model(tmp_pat
     assert p.returncode == 0, p.stderr[-2000:]
     cfg = torch.load(tmp_path / "out" / "colorize" / "mle" / "ckpt.pt", weights_only=True)["config"]
     assert (cfg["width"], cfg["enc_depth"], cfg["image_size"], cfg["patch"]) == (*common.SIZES["tiny"][:2], 32, 8)
+    p = run("colorize.py", "--stage", "reward", "--steps", "1", "--reward", "vivid_coherent", *data)  # gray reaches it
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = [json.loads(x) for x in open(tmp_path / "out" / "colorize" / "reward" / "log.jsonl")]
+    assert 0 <= log[0]["agreement"] <= 1 and log[0]["reward"] <= log[0]["colorfulness"] + 1e-6
+    p = run("colorize.py", "--stage", "eval", *data)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
+    assert list(m) == ["truth", "oracle", "mle", "reward"] and all(r["coherence"] is None for r in m.values())
+    assert p.stdout.count("| n/a |") == 4  # photos have no segments: not invented
