@@ -10,9 +10,9 @@ well as coloured objects: `--reward vivid_coherent` multiplies it by the agreeme
 where the gray image has no edge (a reward written in ten minutes; it needs no segments), and the eval table's
 coherence (synthetic world: the share of each true segment in its most common colour) shows which one you got.
 
-    python colorize.py              # the synthetic world, every stage: oracle, mle, reward, mle_cont, eval
+    python colorize.py              # the synthetic world, every stage: oracle, encoder, mle, reward, mle_cont, eval
     python colorize.py --tiny       # every stage in about a minute (smoke test)
-    python colorize.py --stage oracle|mle|reward|mle_cont|eval
+    python colorize.py --stage oracle|encoder|mle|reward|mle_cont|eval
     python colorize.py --data folder --data_dir ~/photos   # any folder of JPEG/PNG photos
     python colorize.py --stage oracle --oracle_flags "--steps 4000 --width 256"   # vqvae.py's flags
 
@@ -40,24 +40,26 @@ from common import UserError
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
-                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300),
+                      enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
+                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
     # real photos (the paper: ImageNet, ViT-L/16 at 512, Table 7: batch 512, constant lr 3e-7, 1k steps)
     "folder": dict(model="B/16", patch=16, dec_layers=6, batch_size=64, mle_steps=20000, mle_lr=1e-3,
                    mle_warmup=1000, mle_wd=1e-6, reward_steps=1000, reward_lr=3e-7, reward_warmup=0, reward_wd=0.0,
                    enc_lr_mult=0.1, samples=2, eval_images=500, num_train=0, num_val=500),
 }
 TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8,
-            num_train=64, num_val=8, mle_warmup=5, samples=2)
+            num_train=64, num_val=8, mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
 # --tiny with any --data: the tiny model too (the folder preset's is B/16); its image size is the oracle's, always
 # (vqvae.TINY: 32 px, so 4 x 4 patches of 8)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["oracle", "mle", "reward", "mle_cont", "eval", "all"],
-               help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these images (out/vqvae_colorize/); mle: pretrain; "
-                    "reward: tune from out/colorize/mle; mle_cont: the fair control, MLE from the same start at the "
-                    "reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: every checkpoint "
-                    "side by side; all: each in turn (an oracle already trained with the same flags is reused, "
-                    "--oracle PATH skips that stage)")
+p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "reward", "mle_cont", "eval", "all"],
+               help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these images (out/vqvae_colorize/); encoder: the ViT "
+                    "learns the synthetic world's pixel classes from the gray image (a stand-in for a pretrained ViT); "
+                    "mle: pretrain; reward: tune from out/colorize/mle; mle_cont: the fair control, MLE from the same "
+                    "start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: every "
+                    "checkpoint side by side; all: each in turn (an oracle already trained with the same flags is "
+                    "reused, --oracle PATH skips that stage)")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder"], help="data source, picks the preset")
 p.add_argument("--data_dir", default="", help="folder of JPEG/PNG images, searched recursively (--data folder)")
 p.add_argument("--oracle", default="", help="stage I checkpoint (default: out_dir/vqvae_colorize/ckpt.pt)")
@@ -68,7 +70,8 @@ p.add_argument("--out_dir", default="out", help="stages write out_dir/colorize/<
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
 p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM: 24)")
-p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
+               "out_dir/colorize/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
 p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
@@ -380,6 +383,18 @@ def train_oracle(args):
                 report)
 
 
+def pretrain_encoder(args):
+    """--stage encoder: the ViT alone learns every pixel's class from the gray synthetic training scenes."""
+    if args.data != "synthetic":
+        raise UserError("--stage encoder trains on the synthetic world; on photos pass --init_encoder (a timm ViT)")
+    rank, world, device, *_ = setup(args)
+    gray = lambda img: (to_gray(torch.from_numpy(img).permute(2, 0, 1)[None] / 255)[0] * 255).round()  # noqa: E731
+    scenes = [dict(s, image=gray(s["image"]).byte().permute(1, 2, 0).numpy())  # the ViT's input: (S, S, 3) uint8
+              for s in common.synthetic_world("train", args.num_train, args.image_size, args.seed)]
+    cfg = common.model_config(args.model, args.image_size, 1, 1, 0, 0, args.patch)  # only its ViT part is used
+    common.pretrain_encoder(args, "colorize", cfg, scenes, device, rank, world)
+
+
 def train(args, stage):
     """mle / mle_cont / reward: one loop, the step differs. MLE: teacher-forced CE on the oracle's codes of
     the true colours. Reward: sample K code sequences, decode them with the oracle, score each (--reward: it gets
@@ -510,9 +525,11 @@ def main():
               "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["oracle", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    stages = ["oracle", "encoder", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
     if args.stage == "all" and args.oracle:  # stage I is that checkpoint
         stages.remove("oracle")
+    if args.stage == "all" and (args.data != "synthetic" or args.init_encoder):  # a pretrained ViT instead
+        stages.remove("encoder")
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
         if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
@@ -521,6 +538,8 @@ def main():
         common.stage_flags(args, preset, stage, given, "colorize")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
+        elif stage == "encoder":
+            pretrain_encoder(args)
         else:
             train(args, stage)
             args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle
