@@ -4,16 +4,16 @@ A ViT encoder and a word-level decoder learn to caption by MLE. Stage 2 samples 
 scores each with CIDEr-D against the image's references, and raises the likelihood of the samples that
 beat the mean of the other K-1 (leave-one-out baseline; the paper's Table 8 uses 7 baseline samples).
 EOS is one of the n-grams, so "a red square on the" cannot collect the reward of the finished caption.
+On the synthetic world five annotators describe each scene, and a content metric read from the world's truth
+(which objects does a caption name right?) sits next to CIDEr-D: the tuning must not buy CIDEr by saying less.
 
-    python caption.py                   # all stages on the synthetic world (2 CPU cores: 15 min)
+    python caption.py                   # all stages on the synthetic world: encoder, mle, reward, mle_cont, eval
     python caption.py --tiny            # every stage in about a minute (smoke test)
-    python caption.py --stage mle|reward|mle_cont|eval
+    python caption.py --stage encoder|mle|reward|mle_cont|eval
     python caption.py --stage reward --samples 4   # Table 4 ablation: K-1 = 3 baseline samples
     torchrun --nproc_per_node=8 caption.py --stage reward --data coco --data_dir /data/coco
 
-Measured on the synthetic world (2 CPU cores, 14 min 43 s for all stages; README, results/caption/), held-out
-500 scenes, greedy: CIDEr-D MLE 130.0, MLE continued (old warm-restart control) 130.2, reward-tuned 162.6
-(paper, COCO: 120.0 -> 134.5).
+Measured numbers: README (Captioning) and results/caption/; paper, COCO: CIDEr-D 120.0 -> 134.5.
 """
 import argparse
 import json
@@ -25,29 +25,31 @@ from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import common
 from common import UserError
 
-# -----------------------------------------------------------------------------
-# config: one flat block; presets per data source, explicit flags override
+# ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500,
                       mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=20,
-                      reward_wd=0.0, enc_lr_mult=1.0, samples=8, eval_images=500, num_train=10000, num_val=500),
+                      reward_wd=0.0, enc_lr_mult=0.1, samples=8, eval_images=500, num_train=10000, num_val=500,
+                      enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),  # enc_lr_mult .1: ViT keeps shapes
     # the paper's Table 8 (ViT-B/16; its ImageNet-21k encoder init is --init_encoder)
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=512, batch_size=256, mle_steps=5000, mle_lr=3e-4,
                  mle_warmup=1000, mle_wd=5e-6, reward_steps=10000, reward_lr=1e-5, reward_warmup=1000, reward_wd=0.0,
                  enc_lr_mult=0.1, samples=8, eval_images=5000, num_train=0, num_val=0),
 }
 TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, batch_size=8, mle_steps=30, reward_steps=10,
-            eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, samples=4)  # any --data
+            eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, samples=4, enc_steps=10,
+            enc_warmup=2)  # any --data
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--stage", default="all", choices=["mle", "reward", "mle_cont", "eval", "all"],
-               help="mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE from the "
+p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
+               help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
+                    "ViT); mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE from the "
                     "same start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: "
                     "every checkpoint side by side; all: each in turn")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], help="data source, picks the preset")
@@ -61,16 +63,17 @@ p.add_argument("--out_dir", default="out", help="stages write out_dir/caption/<s
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
 p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
 p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (paper: 6)")
-p.add_argument("--init_encoder", default="", help="local ViT weights in timm naming for the encoder (mle stage)")
+p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
+               "out_dir/caption/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 512)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes")
-p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
+p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
 p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of this stage (preset)")
 p.add_argument("--enc_lr_mult", type=float, default=None, help="encoder learning rate = lr x this (paper: 0.1)")
-p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer")
+p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer (encoder stage: adamw)")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
 p.add_argument("--samples", type=int, default=None, help="captions sampled per image in the reward stage (K)")
 p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
@@ -92,13 +95,10 @@ p.add_argument("--num_val", type=int, default=None, help="synthetic held-out sce
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (COCO)")
 p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
 
-# -----------------------------------------------------------------------------
-# data and token format: 0 PAD, 1 BOS, 2 EOS, 3 UNK, then words by training frequency
+# ---- data and token format: 0 PAD, 1 BOS, 2 EOS, 3 UNK, then words by training frequency -----------------------------
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BAD_ENDINGS = {"a", "an", "the", "with", "and", "of", "on", "in", "to"}
-
-
 BRACKETS = str.maketrans({"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ",
                           "}": " -rcb- "})
 ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "no", "vs", "mt", "etc"}  # keep their period, as PTB
@@ -130,58 +130,81 @@ def encode(words, stoi, max_len):
 
 def decode(tokens, itos):
     """Tokens (L,) -> the caption string, up to (not including) EOS."""
-    out = []
-    for t in tokens.tolist():
-        if t in (EOS, PAD):
-            break
-        out.append(itos[t])
-    return " ".join(out)
+    t = tokens.tolist()
+    return " ".join(itos[x] for x in t[:next((i for i, x in enumerate(t) if x in (EOS, PAD)), len(t))])
 
 
 def grammar(vocab_size, max_len):
     """allowed (L, V): any word, UNK or EOS, never PAD or BOS; the last place only EOS (<= max_len words)."""
     a = torch.ones(max_len + 1, vocab_size, dtype=torch.bool)
     a[:, [PAD, BOS]] = False
-    a[max_len, :] = False
-    a[max_len, EOS] = True
+    a[max_len] = torch.arange(vocab_size) == EOS
     return a
 
 
-NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-           "thirteen", "fourteen", "fifteen", "sixteen"]
+NUMBERS = "no one two three four five six seven eight nine ten eleven twelve".split()
+
+# The synthetic world's five annotators. Each one describes the scene on its own, as COCO's five people do: it names
+# the objects (colour + shape, a number where several share both), in its own order and words, sometimes where they
+# are or how two of them sit. No reference names nothing, so no caption can match one without seeing the objects.
+SHAPE_WORDS = {"square": ["square", "square", "box"], "circle": ["circle", "circle", "disc", "ball"],
+               "triangle": ["triangle"], "star": ["star"], "ring": ["ring", "ring", "donut"]}  # the usual name: often
+PLURALS = {"box": "boxes"}  # else + s
+WHERE = {"grass": ["on the grass", "on green grass"], "water": ["in the water", "on the water"],
+         "sand": ["on the sand", "on a beach"], "sky": ["under the sky", "under a blue sky", "against the sky"],
+         "wall": ["in front of a wall", "against a gray wall"]}
+LEADS = ["", "", "there {be}", "a picture of", "a photo of", "an image of"]
 
 
-def make_captions(scene):
-    """A synthetic scene's five references: colours, shapes, counts and spatial relations, in different words
-    (in the order the scene drew, so captions are a function of the world's seed)."""
-    things, (top, bottom) = scene["things"], scene["stuff"]
-    groups = {}
-    for t in things:
-        groups.setdefault((t["color"], t["name"]), []).append(t)
-    a = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
-    an = lambda t: f"{a(t['color'])} {t['color']} {t['name']}"  # noqa: E731
-    g = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    phrases = [f"{NUMBERS[len(v)] if len(v) > 1 else a(c)} {c} {s}{'s' if len(v) > 1 else ''}" for (c, s), v in g]
-    if len(phrases) > 3:  # every caption <= 20 words: name the two largest groups, count the others
-        phrases = phrases[:2] + [f"{NUMBERS[len(things) - len(g[0][1]) - len(g[1][1])]} other shapes"]
-    listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    n = len(things)
-    by_x = sorted(things, key=lambda t: t["box"][0] + t["box"][2])
-    left, right = by_x[0], by_x[-1]
-    shapes = sorted({t["name"] for t in things})
-    caps = [f"{listing} on the {bottom} under the {top}",
-            f"a picture of {listing} in front of the {top}",
-            f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''} on the {bottom}",
-            f"{an(left)} to the left of {an(right)}" if n > 1 else
-            f"a single {left['color']} {left['name']} on the {bottom}",
-            f"{' and '.join(s + 's' for s in shapes)} above the {bottom}" if n > 1 else
-            f"one {left['name']} and the {top}"]
-    return [caps[i] for i in scene["caption_order"]]
+def relations(a, b):
+    """What holds between every object of group a and every one of group b (boxes x0 y0 x1 y1); next to always."""
+    (ax, ay), (bx, by) = ([[float(t["box"][j] + t["box"][j + 2]) / 2 for t in g] for j in (0, 1)] for g in (a, b))
+    said = [max(ax) < min(bx), min(ax) > max(bx), max(ay) < min(by), min(ay) > max(by)]
+    return ["next to"] + [w for w, ok in zip(["to the left of", "to the right of", "above", "below"], said) if ok]
 
 
-def load_synthetic(split, n, size, seed):
-    scenes = common.synthetic_world(split, n, size, seed)
-    return [dict(id=i, image=s["image"], refs=make_captions(s)) for i, s in enumerate(scenes)]
+def annotator(groups, stuff, rng, max_len):
+    """One reference: the groups {(colour, shape): [things]} in this annotator's order and words, <= max_len words."""
+    name = {s: str(rng.choice(w)) for s, w in SHAPE_WORDS.items()}  # an annotator keeps its word for a shape
+    order = sorted(groups, key=lambda g: -sum(t["area"] for t in groups[g]) * rng.uniform(0.5, 1.5))  # large first
+
+    def phrase(g):
+        (c, s), n = g, len(groups[g])
+        return f"{'an' if c[0] in 'aeiou' else 'a'} {c} {name[s]}" if n == 1 else \
+            f"{NUMBERS[n]} {c} {PLURALS.get(name[s], name[s] + 's')}"
+    lead = str(rng.choice(LEADS)).format(be="is" if len(groups[order[0]]) == 1 else "are")
+    u = rng.random()
+    where = " ".join([rng.choice(WHERE[stuff[1]])] * (u < 0.65) + [rng.choice(WHERE[stuff[0]])] * (0.35 < u < 0.8))
+    rel = str(rng.choice(relations(*(groups[g] for g in order[:2])))) if len(order) > 1 and rng.random() < 0.35 else ""
+    conj = "with" if rng.random() < 0.2 else "and"
+    for k in range(len(order), 0, -1):  # too long: leave out the place, the relation, the lead, then the least salient
+        for lw, rw, ww in [(lead, rel, where), (lead, rel, ""), (lead, "", ""), ("", "", "")]:
+            ps = [phrase(g) for g in order[:k]]
+            if rw and k > 1:
+                ps = [f"{ps[0]} {rw} {ps[1]}"] + ps[2:]
+            listing = ps[0] if len(ps) == 1 else ", ".join(ps[:-1]) + f" {conj if len(ps) == 2 else 'and'} {ps[-1]}"
+            text = " ".join(x for x in [lw, listing, ww] if x)
+            if len(tokenize(text)) <= max_len:
+                return text
+    raise UserError(f"--max_len {max_len}: too short for a colour and a shape")
+
+
+def make_captions(scene, rng, max_len=20, n=5):
+    """A synthetic scene's n references, one per annotator; a function of the scene and rng only."""
+    keys = [(t["color"], t["name"]) for t in scene["things"]]
+    groups = {g: [t for t, k in zip(scene["things"], keys) if k == g] for g in dict.fromkeys(keys)}
+    refs = []
+    for _ in range(20 * n):  # n different strings: an annotator who would repeat another's words writes again
+        if len(refs) < n and (r := annotator(groups, scene["stuff"], rng, max_len)) not in refs:
+            refs.append(r)
+    return refs
+
+
+def load_synthetic(split, n, size, seed, max_len=20):
+    """-> items {id, image, refs (five annotators; a stream of their own), objects [(colour, shape)] of its things}."""
+    scenes, sid = common.synthetic_world(split, n, size, seed), {"train": 1, "val": 2}[split]
+    return [dict(id=i, image=s["image"], refs=make_captions(s, np.random.default_rng([seed, sid, i, 24]), max_len),
+                 objects=[(str(t["color"]), str(t["name"])) for t in s["things"]]) for i, s in enumerate(scenes)]
 
 
 def load_coco(args, split):
@@ -229,8 +252,8 @@ class Images(torch.utils.data.Dataset):
 
 def load_data(args):
     if args.data == "synthetic":
-        return (load_synthetic("train", args.num_train, args.image_size, args.seed),
-                load_synthetic("val", args.num_val, args.image_size, args.seed))
+        return (load_synthetic("train", args.num_train, args.image_size, args.seed, args.max_len),
+                load_synthetic("val", args.num_val, args.image_size, args.seed, args.max_len))
     return (common.readable(load_coco(args, args.train_split), args.train_split),
             common.readable(load_coco(args, args.val_split), args.val_split))
 
@@ -240,8 +263,7 @@ def collate(batch):
     return torch.tensor(idx), torch.stack(imgs)
 
 
-# -----------------------------------------------------------------------------
-# CIDEr-D, vectorized: the reward (df from training references, EOS in the n-grams) and the metric
+# ---- CIDEr-D, vectorized: the reward (df from training references, EOS in the n-grams) and the metric ----------------
 def pad(seqs, length=None):
     """Lists of ints -> (N, length) int64, -1 outside each sequence."""
     length = max([len(s) for s in seqs] + [1]) if length is None else length
@@ -361,9 +383,8 @@ def reward_cider(pred, batch):
     B, K, L = pred.shape
     hyp = torch.where(common.until_end(pred, EOS) & (pred != PAD), pred, -1).view(B * K, L).cpu()
     r = batch["cider"].score(hyp, batch["refs"], torch.arange(B).repeat_interleave(K), batch["nref"])
-    ended = (pred == EOS).any(-1).float()
     return r.view(B, K).float().to(pred.device), dict(length=((hyp >= 0).sum(-1).float() - 1).mean(),
-                                                      ended=ended.mean())
+                                                      ended=(pred == EOS).any(-1).float().mean())
 
 
 REWARDS = {"cider": reward_cider}
@@ -380,14 +401,65 @@ def ref_batch(items, idx, stoi, max_len):
     return out, torch.tensor([len(r) for r in refs])
 
 
-# -----------------------------------------------------------------------------
-# metric: CIDEr-D over the held-out set (df from its references, as the COCO evaluation), length,
-# bad endings; greedy decoding
+# ---- metrics: CIDEr-D over the held-out set (df from its references, as the COCO evaluation), content ----------------
+SHAPE_OF = {w: s for s, ws in SHAPE_WORDS.items() for w in ws + [PLURALS.get(x, x + "s") for x in ws]}  # folded
+NUMBER_OF = {"a": 1, "an": 1} | {w: i for i, w in enumerate(NUMBERS) if i}
+
+
+def named(caption):
+    """{(colour, shape): the number said before it, or None} for every colour word directly followed by a shape
+    word; synonyms and plurals folded ("two red boxes" -> (red, square): 2); "a" / "an" says 1."""
+    w, out = [""] + tokenize(caption), {}
+    for before, colour, shape in zip(w, w[1:], w[2:]):
+        if colour in common.COLORS and shape in SHAPE_OF:
+            out.setdefault((colour, SHAPE_OF[shape]), NUMBER_OF.get(before))
+    return out
+
+
+def content_metrics(captions, objects):
+    """What captions say is in the picture, against the world's truth (objects: each scene's (colour, shape) of every
+    thing). N = the pairs a caption names (`named`), S = the scene's, each group of equal colour and shape once:
+    P = |N & S| / |N|, R = |N & S| / |S|, F1 = 2PR / (P + R), all 0 for a caption naming nothing; means over captions.
+    Count accuracy: of all named pairs with a number said, those whose number is the scene's count. Not SPICE, which
+    parses objects, attributes and relations out of caption and references, matches them with WordNet synonyms and
+    scores F1 against the references' tuples ("a star" and "something red" earn credit apart; an object no reference
+    names is wrong even if it is there). Here a pair counts only if said whole, against the exact truth, never the
+    references; relations and background are not scored. A metric, not a reward."""
+    P, R, F, counts_right = [], [], [], []
+    for cap, objs in zip(captions, objects):
+        truth, said = Counter(map(tuple, objs)), named(cap)
+        hit = sum(g in truth for g in said)
+        p, r = hit / max(len(said), 1), hit / max(len(truth), 1)
+        P, R, F = P + [p], R + [r], F + [2 * p * r / (p + r) if hit else 0.0]
+        counts_right += [n == truth[g] for g, n in said.items() if n is not None]  # truth[g] = 0 if not there
+    return dict(content_precision=float(np.mean(P)), content_recall=float(np.mean(R)), content_F1=float(np.mean(F)),
+                count_accuracy=float(np.mean(counts_right)) if counts_right else None)
+
+
+def caption_metrics(results, items):
+    """CIDEr-D (x100, as papers report it), mean length in words, % captions ending in a bad word; on the synthetic
+    world (items with "objects") also content_metrics."""
+    by_id = {it["id"]: it for it in items}
+    res = {r["image_id"]: [r["caption"]] for r in results}
+    score, _ = cider_d({i: [" ".join(tokenize(x)) for x in by_id[i]["refs"]] for i in res}, res)
+    words = [r["caption"].split() for r in results]
+    m = dict(CIDEr=100 * score, length=float(np.mean([len(w) for w in words])),
+             bad_endings=100 * float(np.mean([bool(w) and w[-1] in BAD_ENDINGS for w in words])))
+    if results and all("objects" in by_id[i] for i in res):
+        m.update(content_metrics([r["caption"] for r in results], [by_id[r["image_id"]]["objects"] for r in results]))
+    return m
+
+
+def human_metrics(items):
+    """The human level: each image's first reference (a random annotator: they are in no order) scored as a caption
+    against the others, as COCO's human CIDEr is measured. Its CIDEr-D sees one reference fewer than the models'."""
+    res = [dict(image_id=it["id"], caption=" ".join(tokenize(it["refs"][0]))) for it in items]
+    return caption_metrics(res, [dict(it, refs=it["refs"][1:]) for it in items])
 
 
 @torch.no_grad()
-def predict(model, ds, meta, device, n_images, batch_size=128):
-    """Greedy captions of the first n_images -> [{"image_id", "caption"}] (COCO results format)."""
+def evaluate_model(model, ds, meta, device, n_images, batch_size=128):
+    """Greedy captions of the first n_images -> (caption_metrics, [{"image_id", "caption"}] (COCO results format))."""
     model.eval()
     allowed = grammar(len(meta["itos"]), meta["max_len"]).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
@@ -399,32 +471,27 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
         out += [dict(image_id=ds.items[i]["id"], caption=decode(t, meta["itos"])) for i, t in
                 zip(idx.tolist(), tok[:, 0].cpu())]
     model.train()
-    return out
+    return caption_metrics(out, ds.items[:n_images]), out
 
 
-def caption_metrics(results, items):
-    """CIDEr-D (x100, as papers report it), mean length in words, % captions ending in a bad word."""
-    refs = {it["id"]: [" ".join(tokenize(r)) for r in it["refs"]] for it in items}
-    res = {r["image_id"]: [r["caption"]] for r in results}
-    score, _ = cider_d({i: refs[i] for i in res}, res)
-    words = [r["caption"].split() for r in results]
-    return dict(CIDEr=100 * score, length=float(np.mean([len(w) for w in words])),
-                bad_endings=100 * float(np.mean([bool(w) and w[-1] in BAD_ENDINGS for w in words])))
-
-
-def evaluate_model(model, ds, meta, device, n_images):
-    res = predict(model, ds, meta, device, n_images)
-    return caption_metrics(res, ds.items[:n_images]), res
-
-
-# -----------------------------------------------------------------------------
-# stages
+# ---- stages ----------------------------------------------------------------------------------------------------------
 def setup(args, vocab=None):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
     tr, va = load_data(args)
     meta = dict(itos=vocab or build_vocab(tr, args.min_count), max_len=args.max_len, reward=args.reward)
     return rank, world, device, Images(tr, args.image_size), Images(va, args.image_size), meta
+
+
+def pretrain_encoder(args):
+    """--stage encoder: the ViT alone learns every pixel's class on the synthetic training scenes (as detect.py)."""
+    if args.data != "synthetic":
+        raise UserError("--stage encoder trains on the synthetic world; on COCO pass --init_encoder (a timm ViT)")
+    rank, world, device = common.ddp_setup()
+    torch.manual_seed(args.seed)
+    scenes = common.synthetic_world("train", args.num_train, args.image_size, args.seed)  # load_synthetic's, cached
+    cfg = common.model_config(args.model, args.image_size, 1, 1, 0, 0, args.patch)  # only its ViT part is used
+    common.pretrain_encoder(args, "caption", cfg, scenes, device, rank, world)
 
 
 def train(args, stage):
@@ -437,23 +504,19 @@ def train(args, stage):
     if ck:  # prior: training steps behind the starting point
         meta = dict(ck["meta"], prior=ck["meta"].get("prior", 0) + ck["step"])
     V, L, master = len(meta["itos"]), meta["max_len"] + 1, rank == 0
-    if ck:
-        cfg, state = ck["config"], ck["model"]
-    else:
-        cfg, state = common.model_config(args.model, args.image_size, V, L, BOS, args.dec_layers, args.patch), None
+    cfg, state = (ck["config"], ck["model"]) if ck else (
+        common.model_config(args.model, args.image_size, V, L, BOS, args.dec_layers, args.patch), None)
     raw, model, opt, start, path, meta = common.stage_setup("caption", stage, args, cfg, meta, device, world, state)
     if not ck and start == 0:
         common.init_encoder(raw, args, "caption")
     stoi = {w: i for i, w in enumerate(meta["itos"])}
     allowed = grammar(V, meta["max_len"]).to(device)
-    cider = None
     if stage == "reward":  # df of the reward: the training references' tokens, EOS included
         refs = [[encode(tokenize(x), stoi, meta["max_len"]).tolist() for x in it["refs"]] for it in tr.items]
-        cider = CiderD([[t[:t.index(EOS) + 1] for t in r] for r in refs], V)
+    cider = CiderD([[t[:t.index(EOS) + 1] for t in r] for r in refs], V) if stage == "reward" else None
     log = common.Logger(os.path.dirname(path), master, resume=start)
-    common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train "
-                  f"images, {V} tokens, steps {start}->{args.steps}, global batch {args.batch_size} on {world} "
-                  f"process(es)")
+    common.print0(f"{stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, {len(tr)} train images, {V} "
+                  f"tokens, steps {start}->{args.steps}, global batch {args.batch_size} on {world} process(es)")
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
     b, t0 = args.batch_size // world, time.time()
@@ -474,12 +537,11 @@ def train(args, stage):
 
         def reward_micro(s):
             refs, nref = ref_batch(tr.items, idx[s], stoi, meta["max_len"])
-            batch = dict(cider=cider, refs=refs, nref=nref)
             noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
             with common.autocast(device):
                 tok, _ = common.sample(raw, imgs[s], L, args.samples, args.temperature, noise=noise, allowed=allowed,
                                        end_token=EOS, pad_token=PAD)
-            r, aux = REWARDS[args.reward](tok, batch)
+            r, aux = REWARDS[args.reward](tok, dict(cider=cider, refs=refs, nref=nref))
             with common.autocast(device):
                 loss, _, _, _, st = common.reinforce_loss(model, imgs[s], tok, r, common.until_end(tok, EOS),
                                                           args.baseline, args.grad_on, allowed)
@@ -504,29 +566,32 @@ def train(args, stage):
     common.ddp_end_stage()
 
 
-def panel(text, size):
+def wrap(text, font, width):
+    """Words -> lines no wider than width pixels in font (a longer word keeps a line of its own)."""
+    lines = [""]
+    for w in text.split():
+        if lines[-1] and font.getlength(f"{lines[-1]} {w}") > width:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {w}".strip()
+    return lines
+
+
+def panel(text, size, font):
     """A white square with the text wrapped to its width."""
     img = Image.new("RGB", (size, size), "white")
-    d, line, y = ImageDraw.Draw(img), "", 2
-    for w in text.split() + [None]:
-        if w is not None and len(line) + len(w) + 1 <= size // 6:
-            line = f"{line} {w}".strip()
-            continue
-        d.text((3, y), line, fill="black")
-        line, y = w or "", y + 11
+    ImageDraw.Draw(img).multiline_text((4, 3), "\n".join(wrap(text, font, size - 8)), "black", font, spacing=3)
     return img
 
 
 def evaluate(args):
-    """Every checkpoint that exists, side by side: metrics.json, table.md, captions json, a grid."""
-    base = os.path.join(args.out_dir, "caption")
+    """Every checkpoint that exists, side by side, and the human level (one annotator against the others):
+    metrics.json, table.md, captions json, a grid."""
     cks = common.eval_checkpoints(args.out_dir, "caption")  # {name: (path, ckpt)}: mle and its two tunings
     rank, world, device, tr, va, meta = setup(args, next(iter(cks.values()))[1]["meta"]["itos"])
     common.ddp_end_stage()  # no collective below: rank 0 evaluates alone
     if rank:
         return
-    out = os.path.join(base, "eval")
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out := os.path.join(args.out_dir, "caption", "eval"), exist_ok=True)
     rows, preds = {}, {}
     for name, (path, ck) in cks.items():
         model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
@@ -535,21 +600,25 @@ def evaluate(args):
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
         with open(os.path.join(out, f"captions_{name}.json"), "w") as f:
             json.dump(res, f)
+    if two := [it for it in va.items[:args.eval_images] if len(it["refs"]) > 1]:  # a human level needs two refs
+        rows["human"] = dict(human_metrics(two), steps="-")
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    table = ["| model | steps | CIDEr-D | words | bad endings % |", "|---" * 5 + "|"]
-    table += [f"| {n} | {r['steps']} | {r['CIDEr']:.1f} | {r['length']:.2f} | {r['bad_endings']:.1f} |"
-              for n, r in rows.items()]
+    cols = [("CIDEr-D", "CIDEr", ".1f"), ("content F1", "content_F1", ".3f"), ("precision", "content_precision", ".3f"),
+            ("recall", "content_recall", ".3f"), ("counts right", "count_accuracy", ".3f"), ("words", "length", ".2f"),
+            ("bad endings %", "bad_endings", ".1f")]
+    cols = [c for c in cols if c[1] in rows[next(iter(cks))]]  # COCO: no content columns (no truth of a photo)
+    table = [f"held-out {min(args.eval_images, len(va))} images, greedy; human: each image's first reference against "
+             "the others", "", "| model | steps | " + " | ".join(c[0] for c in cols) + " |", "|---" * (2 + len(cols))
+             + "|"]
+    table += [f"| {n} | {r['steps']} | " + " | ".join("-" if r[k] is None else format(r[k], f) for _, k, f in cols) +
+              " |" for n, r in rows.items()]
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
-    S = 192  # picture: the image, one reference, then each model's caption
-    grid = []
-    for i in range(min(8, len(va))):
-        it = va.items[i]
-        img = common.open_rgb(it)
-        grid.append([img.resize((S, S), Image.NEAREST), panel(it["refs"][0], S)] +
-                    [panel(preds[n][i]["caption"], S) for n in preds])
+    S, font = 224, ImageFont.load_default(size=15)  # picture: the image, one reference, then each model's caption
+    grid = [[common.open_rgb(va.items[i]).resize((S, S), Image.NEAREST), panel(va.items[i]["refs"][0], S, font)] +
+            [panel(preds[n][i]["caption"], S, font) for n in preds] for i in range(min(8, len(va)))]
     common.save_grid(grid, ["image", "a reference"] + list(preds), os.path.join(out, "grid.png"), scale=1)
     print(f"wrote {out}/metrics.json, table.md, captions_*.json, grid.png")
 
@@ -563,12 +632,15 @@ def main():
               "num_train", "num_val"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    stages = ["mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
+    stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
+    stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
         common.stage_flags(args, preset, stage, given, "caption")  # mle_cont: the reward stage's lr, schedule, steps
         if stage == "eval":
             evaluate(args)
+        elif stage == "encoder":
+            pretrain_encoder(args)
         else:
             train(args, stage)
             args.init = ""  # --init starts the first stage; reward and mle_cont then start from this run's mle

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -156,14 +157,73 @@ def test_tokenizer_vocab_and_round_trip():
     assert not g[:, caption.PAD].any() and not g[:, caption.BOS].any() and g[5].tolist() == [0, 0, 1, 0, 0, 0]
 
 
-def test_synthetic_references_name_colours_shapes_counts_relations():
+def test_synthetic_references_are_five_annotators_naming_the_scene():
+    """Every reference names at least one (colour, shape) of its scene, none that is not there, the right number
+    where it gives one; within the caption length; five different wordings; a function of the seed."""
     items = caption.load_synthetic("val", 300, 64, 0)
+    for it in items:
+        assert len(it["refs"]) == 5 and len(set(it["refs"])) == 5
+        truth = Counter(it["objects"])
+        for r in it["refs"]:
+            said, words = caption.named(r), caption.tokenize(r)
+            assert said and set(said) <= set(truth), (r, it["objects"])  # no content-free kind, nothing made up
+            assert all(n is None or n == truth[g] for g, n in said.items()), (r, it["objects"])
+            assert len(words) <= 20 and words[-1] not in caption.BAD_ENDINGS
+    groups = [len(set(it["objects"])) for it in items]
+    recall = [len(set(caption.named(r))) / g for it, g in zip(items, groups) for r in it["refs"]]
+    assert np.mean(recall) > 0.95  # the salient objects, all of them when the length allows
     text = " ".join(r for it in items for r in it["refs"])
-    assert all(len(it["refs"]) == 5 and len(set(it["refs"])) == 5 for it in items)
-    words = [caption.tokenize(r) for it in items for r in it["refs"]]
-    assert max(map(len, words)) <= 20 and not any(w[-1] in caption.BAD_ENDINGS for w in words)  # nothing is cut
-    for w in ["red", "square", "circle", "three", "left", "under", "above"]:
-        assert f" {w}" in text
+    for w in ["box", "disc", "ball", "donut", "two", "three", "next to", "left of", "above", "there is", "there are",
+              "a picture of", "grass", "sky", "wall"]:  # synonyms, counts, relations, frames, the ground and sky
+        assert f" {w} " in f" {text} ", w
+    starts = Counter(" ".join(caption.tokenize(r)[:2]) for it in items for r in it["refs"])
+    assert starts.most_common(1)[0][1] < 0.3 * 5 * len(items)  # no one frame most references share
+    assert [it["refs"] for it in caption.load_synthetic("val", 300, 64, 0)] == [it["refs"] for it in items]  # seed
+    other = caption.load_synthetic("val", 300, 64, 1)
+    assert sum(a["refs"] != b["refs"] for a, b in zip(other, items)) > 250
+    short = caption.load_synthetic("val", 300, 64, 0, max_len=8)
+    assert all(len(caption.tokenize(r)) <= 8 and caption.named(r) for it in short for r in it["refs"])
+
+
+def test_content_metric_on_hand_made_captions():
+    scene = [("red", "square"), ("red", "square"), ("blue", "ring"), ("green", "star")]  # 3 groups
+    assert caption.named("Two red boxes, and a Blue Donut.") == {("red", "square"): 2, ("blue", "ring"): 1}
+    assert caption.named("red discs near a teal ball on green grass under a blue sky") == {
+        ("red", "circle"): None, ("teal", "circle"): 1}  # plural without a number: no count; "blue sky": no shape
+    caps = ["two red boxes and a blue donut",  # P 1, R 2/3, F1 0.8; counts 2 of 2 right
+            "three red squares and a purple star",  # P 1/2, R 1/3, F1 0.4; counts 0 of 2 (purple star: 0 there)
+            "there are four shapes on the grass",  # names nothing: 0, 0, 0; no count
+            "a red square next to a green star"]  # P 1, R 2/3, F1 0.8; counts 1 of 2 (two red squares there)
+    m = caption.content_metrics(caps, [scene] * 4)
+    assert m["content_precision"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert m["content_recall"] == pytest.approx((2 / 3 + 1 / 3 + 0 + 2 / 3) / 4)
+    assert m["content_F1"] == pytest.approx((0.8 + 0.4 + 0 + 0.8) / 4)
+    assert m["count_accuracy"] == pytest.approx(3 / 6)
+    assert caption.content_metrics(["a red circle"], [[("red", "ring")]])["content_F1"] == 0  # the shape matters
+    assert caption.content_metrics(["shapes"], [scene])["count_accuracy"] is None
+
+
+def test_human_row_is_one_reference_against_the_others():
+    items = caption.load_synthetic("val", 40, 64, 0)
+    h = caption.human_metrics(items)
+    held = {it["id"]: [" ".join(caption.tokenize(it["refs"][0]))] for it in items}
+    cider, _ = caption.cider_d({it["id"]: [" ".join(caption.tokenize(r)) for r in it["refs"][1:]] for it in items},
+                               held)
+    assert h["CIDEr"] == pytest.approx(100 * cider) and h["content_F1"] == 1.0  # annotators name what is there
+    with_itself = caption.caption_metrics([dict(image_id=i, caption=c[0]) for i, c in held.items()], items)
+    assert with_itself["CIDEr"] > h["CIDEr"] + 50  # scored against itself too, it would look far better
+    coco = [dict(id=it["id"], refs=it["refs"]) for it in items]  # no objects: no content metric
+    assert "content_F1" not in caption.human_metrics(coco) and h["length"] == pytest.approx(
+        np.mean([len(c[0].split()) for c in held.values()]))
+
+
+def test_grid_wraps_words_within_the_column():
+    from PIL import ImageFont
+    font = ImageFont.load_default(size=15)
+    text = "a picture of two red boxes next to a yellow donut, a teal disc and a purple star on the grass under the sky"
+    lines = caption.wrap(text, font, 216)
+    assert " ".join(lines) == text and len(lines) > 2 and all(font.getlength(x) <= 216 for x in lines)
+    assert font.getlength("a b") > font.getlength("ab") + 2  # a visible space between words
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -207,7 +267,10 @@ def test_tiny_runs_every_stage(tmp_path):
     m = json.load(open(out / "metrics.json"))
     # no range on the length (<= --max_len 20 cannot fail), and no "reward rises": at --tiny scale (10 steps) the
     # mean sampled reward of steps 1-5 vs 6-10 fell for seeds 0 and 1 and rose for seed 2 (issue 20)
-    assert set(m) == {"mle", "mle_cont", "reward"} and all({"CIDEr", "length"} <= set(r) for r in m.values())
+    assert set(m) == {"mle", "mle_cont", "reward", "human"} and all(
+        {"CIDEr", "length", "content_F1", "count_accuracy"} <= set(r) for r in m.values())
+    assert m["human"]["content_F1"] == 1.0 and os.path.exists(tmp_path / "caption/encoder/encoder.pt")
+    assert "encoder: " + str(tmp_path / "caption/encoder/encoder.pt") in p.stdout  # the mle stage started from it
     assert m["mle"]["steps"] == "30" and m["reward"]["steps"] == m["mle_cont"]["steps"] == "30+10"  # fair control
     res = json.load(open(out / "captions_reward.json"))
     assert len(res) == 16 and all(set(r) == {"image_id", "caption"} for r in res)
@@ -220,6 +283,7 @@ def test_coco_fixture_loads_trains_and_evaluates(tmp_path):
     p = run("--data", "coco", "--data_dir", tmp_path / "coco", "--train_split", "train", "--val_split", "val",
             "--tiny", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--out_dir", tmp_path / "out")
     assert "skipped 1 of 5 images" in p.stdout
+    assert "| human |" in p.stdout and "content F1" not in p.stdout  # no truth of a photo: no content columns
     res = json.load(open(tmp_path / "out/caption/eval/captions_mle.json"))
     assert {r["image_id"] for r in res} == {100, 101, 102, 104}  # no captions: 105 out; corrupt: 103 out
 
