@@ -57,7 +57,7 @@ p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "r
                help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these images (out/vqvae_colorize/); encoder: the ViT "
                     "learns the synthetic world's pixel classes from the gray image (a stand-in for a pretrained ViT); "
                     "mle: pretrain; reward: tune from out/colorize/mle; mle_cont: the fair control, MLE from the same "
-                    "start at the reward stage's lr, warmup, schedule and steps (read from its checkpoint); eval: every "
+                    "start at the reward stage's lr, warmup, schedule and steps (from its checkpoint); eval: every "
                     "checkpoint side by side; all: each in turn (an oracle already trained with the same flags is "
                     "reused, --oracle PATH skips that stage)")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder"], help="data source, picks the preset")
