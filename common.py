@@ -560,7 +560,7 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
 def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
     """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
     index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
-    segments; stuff names; the order of its five captions (caption.py words them)."""
+    segments; stuff names."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     top, bottom = rng.choice(STUFF[:2]), rng.choice(STUFF[2:])
     horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xx / size * rng.uniform(2, 6) + rng.uniform(0, 6))
@@ -594,7 +594,7 @@ def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
         s["area"] = int(len(ys))
         s["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
     return dict(image=(img * 255).round().astype(np.uint8), things=things, panoptic=seg, segments=segments,
-                stuff=[top, bottom], caption_order=rng.permutation(5))
+                stuff=[top, bottom])
 
 @functools.lru_cache(maxsize=4)  # --stage all: every stage of the process reuses them (16 s per 10k scenes)
 def synthetic_world(split, n, size, seed=0, **scene):  # scene: make_scene's max_things, radius (a tuple)
