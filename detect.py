@@ -335,11 +335,18 @@ def to_xywh(box, item):
     return [box[1] * item["w"], box[0] * item["h"], (box[3] - box[1]) * item["w"], (box[2] - box[0]) * item["h"]]
 
 
+def box_score(p, p2):
+    """Score of a greedy box = p(class) x (p(ymin) p(xmin) p(ymax) p(xmax))^(1/4) x P(conf 2): how sure the model
+    is of the class, of where the box is, and of its IoU (the slot-5 expected IoU; 0.5 everywhere after MLE).
+    p (B, P, 6): probabilities of the greedy tokens, p2 (B, P) -> (B, P). The coordinate term ranks a box the model
+    places with confidence above a guess (results/detect/probes/README.md: +0.1 AP for MLE, +1.1 tuned)."""
+    return p[..., 4] * p[..., :4].log().mean(-1).exp() * p2
+
+
 @torch.no_grad()
 def predict(model, ds, meta, device, n_images, batch_size=128):
-    """Greedy decoding -> COCO results, mean reward of the greedy prediction, boxes per image.
-    Score of a box = p(class token) x expected IoU, P(conf 2) of the slot-5 distribution over {1, 2}
-    (read by one teacher-forced pass over the greedy sequence; the sampled slot holds the constant 2)."""
+    """Greedy decoding -> COCO results, mean reward of the greedy prediction, boxes per image, scored by box_score
+    (P(conf 2) read by one teacher-forced pass over the greedy sequence; the sampled slot holds the constant 2)."""
     model.eval()
     nc, L = len(meta["classes"]), meta["max_boxes"] * 6
     allowed, read = grammar(meta["max_boxes"], nc, (2,)).to(device), grammar(meta["max_boxes"], nc).to(device)
@@ -354,7 +361,7 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
         rewards.append(REWARDS[meta["reward"]](tok, batch)[0][:, 0].cpu())
         tok, p = tok[:, 0], logp[:, 0].view(len(idx), -1, 6).exp()  # p: (B, P, 6) probs of the greedy tokens
         p2 = model(imgs, tok, read)[:, 5::6].float().softmax(-1)[..., 2]  # P(conf 2) = expected IoU, (B, P)
-        tok, score = tok.cpu(), (p[..., 4] * p2).cpu()
+        tok, score = tok.cpu(), box_score(p, p2).cpu()
         pb, pl, pv = decode(tok, nc)
         for j, i in enumerate(idx.tolist()):
             it = ds.items[i]

@@ -300,6 +300,17 @@ def test_box_noise_moves_edges_by_its_share_of_the_box():
     assert 0.08 < inside.std() < 0.12 and abs(inside.mean()) < 0.01  # N(0, 0.1 x the size)
 
 
+def test_box_score_ranks_by_class_place_and_iou():
+    """A box scores p(class) x the geometric mean of its coordinates' probabilities x the expected IoU: an unsure
+    coordinate or class lowers it, and the four coordinates count alike (a geometric mean, not a product)."""
+    p = torch.tensor([[[.9, .9, .9, .9, .8, 1], [.9, .9, .9, .1, .8, 1], [.9, .9, .9, .9, .4, 1], [.1, .9, .9, .9, .8, 1]]])
+    s = detect.box_score(p, torch.full((1, 4), 0.5))[0]
+    assert s[0] == pytest.approx(0.8 * 0.9 * 0.5) and s[1] < s[0] and s[2] == pytest.approx(s[0] / 2)
+    assert s[3] == pytest.approx(s[1])  # which coordinate is unsure does not matter
+    assert s[1] == pytest.approx(0.8 * (0.9 ** 3 * 0.1) ** 0.25 * 0.5)
+    assert torch.allclose(detect.box_score(p, torch.full((1, 4), 1.0))[0], 2 * s)  # the expected IoU scales it
+
+
 def test_eval_scores_against_the_annotations_and_the_truth():
     """A prediction of exactly the truth: perfect against the truth; against annotations missing 30% it finds the
     annotated objects (AR 100) but its extra boxes are false positives (AP < 100); no duplicates either way."""
