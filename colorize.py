@@ -90,7 +90,8 @@ p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
 p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
                help="reward to optimize (REWARDS): the paper's colorfulness, or it x the agreement of neighbouring "
-                    "pixels' colours where the gray image has no edge")
+                    "pixels' colours where the gray image has no edge (its stage writes out/colorize/reward_vivid_"
+                    "coherent/: eval shows both rows; mle_cont stays the control of reward/)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -409,7 +410,8 @@ def train(args, stage):
         cfg, state = ck["config"], ck["model"]
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
-    raw, model, opt, start, path, meta = common.stage_setup("colorize", stage, args, cfg, meta, device, world, state)
+    name = stage if stage != "reward" or args.reward == "colorfulness" else f"reward_{args.reward}"  # its own row
+    raw, model, opt, start, path, meta = common.stage_setup("colorize", name, args, cfg, meta, device, world, state)
     vqvae.check_lm(raw.cfg, meta, oracle, path if start else init)  # its codes must mean what this oracle's do
     if not ck and start == 0:
         common.init_encoder(raw, args, "colorize")

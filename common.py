@@ -373,17 +373,18 @@ def fingerprint(state):  # sha1 of a state dict's tensors: which checkpoint a st
 def eval_checkpoints(out_dir, task):
     """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward that exist. reward and mle_cont are
     put side by side only if both started from the mle checkpoint here, mle_cont at the reward stage's lr / steps."""
-    paths = {n: os.path.join(out_dir, task, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"]}
+    d = os.path.join(out_dir, task)  # reward_<name>/: a reward other than the task's first (colorize --reward)
+    more = sorted(n for n in os.listdir(d) if n.startswith("reward_")) if os.path.isdir(d) else []
+    paths = {n: os.path.join(d, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"] + more}
     if not (cks := {n: (q, load_ckpt(q, task)) for n, q in paths.items() if os.path.exists(q)}):
-        raise UserError(f"no checkpoint under {os.path.join(out_dir, task)}: run --stage mle first")
+        raise UserError(f"no checkpoint under {d}: run --stage mle first")
     start = fingerprint(cks["mle"][1]["model"]) if "mle" in cks else None
     for n, (q, ck) in cks.items():
         if n != "mle" and start and ck["meta"].get("start") != start:
             raise UserError(f"{q}: did not start from {paths['mle']} (--init? mle retrained?): re-run --stage {n}")
-    was, now = ({k: cks[n][1]["args"].get(k) for k in CONTROL} | {"steps": cks[n][1]["step"]} if n in cks else None
-                for n in ("reward", "mle_cont"))
-    if was and now and was != now:
-        raise UserError(f"{paths['mle_cont']}: not the reward stage's control ({now}; reward: {was}): re-run it")
+    ctl = {n: {k: ck["args"].get(k) for k in CONTROL} | {"steps": ck["step"]} for n, (_, ck) in cks.items()}
+    for n in (n for n in ctl if n.startswith("reward") and "mle_cont" in ctl and ctl[n] != ctl["mle_cont"]):
+        raise UserError(f"{paths['mle_cont']}: not the control of {n} ({ctl['mle_cont']}; {n}: {ctl[n]}): re-run")
     return cks
 
 def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
@@ -429,7 +430,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         ck = load_ckpt(path, task)
         init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
         keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size") + (  # else silently another run (or a crash)
-            ("samples", "baseline", "grad_on", "temperature", "reward") if stage == "reward" else ())
+            ("samples", "baseline", "grad_on", "temperature", "reward") if stage.startswith("reward") else ())
         if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
             raise UserError(f"{path}: made with {diff}; resume with the same flags")
         print0(f"resuming {path} at step {start}")

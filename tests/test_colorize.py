@@ -255,10 +255,11 @@ def test_tiny_on_a_folder_of_photos_trains_the_oracle_and_the_tiny_model(tmp_pat
     assert (cfg["width"], cfg["enc_depth"], cfg["image_size"], cfg["patch"]) == (*common.SIZES["tiny"][:2], 32, 8)
     p = run("colorize.py", "--stage", "reward", "--steps", "1", "--reward", "vivid_coherent", *data)  # gray reaches it
     assert p.returncode == 0, p.stderr[-2000:]
-    log = [json.loads(x) for x in open(tmp_path / "out" / "colorize" / "reward" / "log.jsonl")]
+    log = [json.loads(x) for x in open(tmp_path / "out" / "colorize" / "reward_vivid_coherent" / "log.jsonl")]
     assert 0 <= log[0]["agreement"] <= 1 and log[0]["reward"] <= log[0]["colorfulness"] + 1e-6
     p = run("colorize.py", "--stage", "eval", *data)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
-    assert list(m) == ["truth", "oracle", "mle", "reward"] and all(r["coherence"] is None for r in m.values())
+    assert list(m) == ["truth", "oracle", "mle", "reward_vivid_coherent"]  # a second reward: its own dir and row
+    assert all(r["coherence"] is None for r in m.values())
     assert p.stdout.count("| n/a |") == 4  # photos have no segments: not invented

@@ -51,7 +51,7 @@ def test_mle_cont_runs_at_the_reward_stages_lr_and_steps_and_eval_refuses_mismat
     rows = json.load(open(out / "detect" / "eval" / "metrics.json"))
     assert rows["mle_cont"]["steps"] == rows["reward"]["steps"] == "6+4"
     detect("--stage", "reward", "--steps", "3", "--lr", "2e-5", "--warmup", "2", *tiny)  # mle_cont is now stale
-    assert "not the reward stage's control" in detect("--stage", "eval", *tiny, ok=False).stderr
+    assert "not the control of reward " in detect("--stage", "eval", *tiny, ok=False).stderr
     detect("--stage", "mle_cont", *tiny)
     detect("--stage", "eval", *tiny)
     detect("--stage", "mle", "--steps", "7", *tiny)  # a new mle model: both tunings started from the old one
