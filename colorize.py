@@ -255,10 +255,11 @@ def reward_colorfulness(pred, batch):
     return score.view(B, K), dict(vivid=vivid.mean(), hue_entropy=entropy.mean())
 
 
-def reward_vivid_coherent(pred, batch, edge=0.05):
+def reward_vivid_coherent(pred, batch, edge=0.05, power=2):
     """r = colorfulness x agreement, agreement = |{flat pairs with one label}| / |{flat pairs}| (1 if none):
-    over the pairs of a pixel and its right or lower neighbour, a label as in colour_labels (hue bin if chroma
-    > 10, else neutral), a pair "flat" if the gray input differs by < 0.05 across it (|g(p) - g(q)|, g in [0, 1]).
+    over the pairs of a pixel and the pixel one code to its right or below (gap H / 16 px: the LM writes 16 x 16
+    codes, and the pixels inside one code agree whatever the code), a label as in colour_labels (hue bin if chroma
+    > 10, else neutral), a pair "flat" if the gray input differs by < 0.05 between them (|g(p) - g(q)|, g in [0, 1]).
     Colorfulness counts pixels, so confetti scores as well as coloured objects; agreement asks for one colour
     where the gray image shows no edge (an object's inside), and lets the colour change where it has one. It reads
     only the prediction and the gray input, so it works on photos too. 0.05: 98% of the synthetic world's pairs
@@ -267,16 +268,16 @@ def reward_vivid_coherent(pred, batch, edge=0.05):
     B, K, _, H, W = pred.shape
     score, vivid, entropy = colorfulness(pred.flatten(0, 1))
     lab = colour_labels(pred.flatten(0, 1)).view(B, K, H, W)
-    g = batch["gray"][:, :1].float()  # (B, 1, H, W): broadcasts over the K samples
+    g, gap = batch["gray"][:, :1].float(), max(1, H // 16)  # g (B, 1, H, W): broadcasts over the K samples
     same, flat = [], []
-    for d in (3, 2):  # right neighbours, then lower neighbours
-        n = lab.shape[d] - 1
-        same.append((lab.narrow(d, 0, n) == lab.narrow(d, 1, n)).flatten(2))  # (B, K, pairs)
-        flat.append(((g.narrow(d, 0, n) - g.narrow(d, 1, n)).abs() < edge).flatten(2))  # (B, 1, pairs)
+    for d in (3, 2):  # pairs along rows, then along columns
+        n = lab.shape[d] - gap
+        same.append((lab.narrow(d, 0, n) == lab.narrow(d, gap, n)).flatten(2))  # (B, K, pairs)
+        flat.append(((g.narrow(d, 0, n) - g.narrow(d, gap, n)).abs() < edge).flatten(2))  # (B, 1, pairs)
     same, flat = torch.cat(same, 2), torch.cat(flat, 2).float()
     n_flat = flat.sum(2)  # (B, 1)
     agree = torch.where(n_flat > 0, (same * flat).sum(2) / n_flat.clamp(min=1), 1.0)  # (B, K)
-    return score.view(B, K) * agree, dict(vivid=vivid.mean(), hue_entropy=entropy.mean(),
+    return score.view(B, K) * agree ** power, dict(vivid=vivid.mean(), hue_entropy=entropy.mean(),
                                           colorfulness=score.mean(), agreement=agree.mean())
 
 

@@ -135,6 +135,20 @@ def test_vivid_coherent_tells_objects_from_confetti():
     assert r[0, 1] < 0.5 * r[0, 0]  # confetti: a neighbour shares the label about 1/4 of the time
 
 
+def test_vivid_coherent_compares_pixels_one_code_apart():
+    """A 64 x 64 colouring is 16 x 16 codes of 4 x 4 pixels: code-sized confetti agrees with itself inside every
+    code, so neighbouring pixels would call it coherent; pairs one code apart (gap 64 / 16) do not."""
+    rng = np.random.default_rng(0)
+    blocks = [[[RED, BLUE, ORANGE, GRAY][rng.integers(4)] for _ in range(16)] for _ in range(16)]  # 4 labels
+    confetti = paint(blocks).repeat_interleave(4, 2).repeat_interleave(4, 3)  # (1, 3, 64, 64), one colour per code
+    halves = paint([[RED] * 8 + [BLUE] * 8] * 16).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    flat = {"gray": torch.full((1, 3, 64, 64), 0.5)}
+    _, a = colorize.reward_vivid_coherent(confetti[:, None], flat)
+    _, b = colorize.reward_vivid_coherent(halves[:, None], flat)
+    assert 0.18 < a["agreement"] < 0.32  # two codes one apart share their label about 1/4 of the time
+    assert abs(b["agreement"].item() - (1 - 64 * 4 / (64 * 60 * 2))) < 1e-6  # only the 4 px astride the seam differ
+
+
 def test_vivid_coherent_gray_edges_excuse_colour_changes():
     x = paint([[RED, RED, BLUE, BLUE]] * 4)[:, None]  # (1, 1, 3, 4, 4): colorfulness 1 x ln 2
     flat = torch.full((1, 3, 4, 4), 0.5)
