@@ -4,16 +4,16 @@ A Pix2seq-style model writes the boxes of an image as a token sequence. Stage 1 
 the ground truth; stage 2 (REINFORCE) samples box sets from the model and raises the likelihood
 of those that score above a baseline on the authors' reward: class-weighted matches averaged
 over IoU thresholds 0.50:0.05:0.95 minus 0.3 x duplicates, plus a loss that teaches each box's
-confidence token its IoU, which ranks the boxes for mAP.
+confidence token its IoU, which ranks the boxes for mAP (with p(class) and p(coordinates): box_score).
 
-    python detect.py                    # all stages on the synthetic world (2 CPU cores: 15 min)
+    python detect.py                    # all stages on the synthetic world (2 CPU cores: 20 min)
     python detect.py --tiny             # every stage in about a minute (smoke test)
     python detect.py --stage encoder|mle|reward|mle_cont|eval
     torchrun --nproc_per_node=8 detect.py --stage reward --data coco --data_dir /data/coco
 
-Measured on the synthetic world with an annotator that misses 30% of the objects (README, results/detect/; 20 min
-42 s on 2 CPU cores): against the annotations MLE 9.0 AP / 15.3 AR@100, MLE continued 8.7 / 15.2, reward-tuned
-13.5 / 28.9 (against the truth 11.7 / 15.0 -> 18.8 / 29.1); paper, COCO: 39.2 -> 54.3 mAP, 54.4 -> 67.2 AR@100.
+Measured on the synthetic world with an annotator that misses 30% of the objects (README, results/detect/; 19 min
+16 s on 2 CPU cores): against the annotations MLE 9.2 AP / 15.3 AR@100, MLE continued 8.7 / 15.2, reward-tuned
+14.5 / 29.0 (against the truth 11.9 / 15.0 -> 20.4 / 29.2); paper, COCO: 39.2 -> 54.3 mAP, 54.4 -> 67.2 AR@100.
 """
 import argparse
 import contextlib
