@@ -33,14 +33,14 @@ from common import UserError
 
 # ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
-    "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500,
+    "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500, temperature=.7,
                       mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=20,
                       reward_wd=0.0, enc_lr_mult=0.1, samples=8, eval_images=500, num_train=10000, num_val=500,
                       enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),  # enc_lr_mult .1: ViT keeps shapes
     # the paper's Table 8 (ViT-B/16; its ImageNet-21k encoder init is --init_encoder)
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=512, batch_size=256, mle_steps=5000, mle_lr=3e-4,
                  mle_warmup=1000, mle_wd=5e-6, reward_steps=10000, reward_lr=1e-5, reward_warmup=1000, reward_wd=0.0,
-                 enc_lr_mult=0.1, samples=8, eval_images=5000, num_train=0, num_val=0),
+                 enc_lr_mult=0.1, samples=8, eval_images=5000, num_train=0, num_val=0, temperature=1.0),
 }
 TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, batch_size=8, mle_steps=30, reward_steps=10,
             eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, samples=4, enc_steps=10,
@@ -79,7 +79,7 @@ p.add_argument("--samples", type=int, default=None, help="captions sampled per i
 p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
-p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
+p.add_argument("--temperature", type=float, default=None, help="sampling temperature in the reward stage (preset)")
 p.add_argument("--reward", default="cider", choices=["cider"], help="reward to optimize (see REWARDS)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
@@ -629,7 +629,7 @@ def main():
     if args.data == "coco" and not args.data_dir:
         raise UserError("--data coco needs --data_dir")
     for k in ["model", "patch", "dec_layers", "image_size", "batch_size", "samples", "enc_lr_mult", "eval_images",
-              "num_train", "num_val"]:
+              "num_train", "num_val", "temperature"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
