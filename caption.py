@@ -10,7 +10,7 @@ On the synthetic world five annotators describe each scene, and a content metric
     python caption.py                   # all stages on the synthetic world: encoder, mle, reward, mle_cont, eval
     python caption.py --tiny            # every stage in about a minute (smoke test)
     python caption.py --stage encoder|mle|reward|mle_cont|eval
-    python caption.py --stage reward --samples 4   # Table 4 ablation: K-1 = 3 baseline samples
+    python caption.py --stage reward --samples 4 --temperature 1   # Table 4 ablation: K-1 = 3 baseline samples
     torchrun --nproc_per_node=8 caption.py --stage reward --data coco --data_dir /data/coco
 
 Measured numbers: README (Captioning) and results/caption/; paper, COCO: CIDEr-D 120.0 -> 134.5.
