@@ -6,9 +6,10 @@ of an image given its gray version. Stage II: a ViT encoder reads the gray image
 gray image does not determine (an object's hue is a guess), so the model hedges. The reward stage samples
 K colourings, scores each with colorfulness = vivid fraction x hue entropy, and raises the likelihood of
 those above the mean of the other K-1. Colorfulness counts pixels, so confetti (every patch its own hue) scores as
-well as coloured objects: `--reward vivid_coherent` multiplies it by the agreement of neighbouring pixels' colours
-where the gray image has no edge (a reward written in ten minutes; it needs no segments), and the eval table's
-coherence (synthetic world: the share of each true segment in its most common colour) shows which one you got.
+well as coloured objects: `--reward vivid_coherent` multiplies it by the squared agreement of the colours of
+pixels one code apart where the gray image has no edge (a reward written in ten minutes; it needs no segments), and
+the eval table's coherence (synthetic world: the share of each true segment in its most common colour) shows which
+one you got.
 
     python colorize.py              # the synthetic world, every stage: oracle, encoder, mle, reward, mle_cont, eval
     python colorize.py --tiny       # every stage in about a minute (smoke test)
@@ -16,9 +17,9 @@ coherence (synthetic world: the share of each true segment in its most common co
     python colorize.py --data folder --data_dir ~/photos   # any folder of JPEG/PNG photos
     python colorize.py --stage oracle --oracle_flags "--steps 4000 --width 256"   # vqvae.py's flags
 
-Measured on the synthetic world (2 CPU cores, 25 min: the oracle 7.7, the rest 17.4; README, results/colorize/),
-held-out 300 scenes, one sample each at temperature 1: colorfulness MLE 0.669, MLE continued (the old warm-restart
-control) 0.659, reward-tuned 1.664 (vivid 0.47 -> 0.95, hue entropy 1.43 -> 1.76; paper, ImageNet: 0.41 -> 1.79).
+Measured on the synthetic world (2 CPU cores, 25.6 min; README, results/colorize/), held-out 300 scenes, one sample
+each at temperature 1: colorfulness MLE 0.626, MLE continued 0.627, reward-tuned 1.711 (coherence 0.684 -> 0.431:
+confetti), --reward vivid_coherent 1.469 (coherence 0.617); paper, ImageNet: 0.41 -> 1.79.
 """
 import argparse
 import json
@@ -89,9 +90,9 @@ p.add_argument("--temperature", type=float, default=1.0, help="sampling temperat
 p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
 p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
-               help="reward to optimize (REWARDS): the paper's colorfulness, or it x the agreement of neighbouring "
-                    "pixels' colours where the gray image has no edge (its stage writes out/colorize/reward_vivid_"
-                    "coherent/: eval shows both rows; mle_cont stays the control of reward/)")
+               help="reward to optimize (REWARDS): the paper's colorfulness, or it x the squared agreement of "
+                    "the colours of pixels one code apart where the gray image has no edge (its stage writes "
+                    "out/colorize/reward_vivid_coherent/: eval shows both rows; mle_cont stays the control of reward/)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -256,14 +257,15 @@ def reward_colorfulness(pred, batch):
 
 
 def reward_vivid_coherent(pred, batch, edge=0.05, power=2):
-    """r = colorfulness x agreement, agreement = |{flat pairs with one label}| / |{flat pairs}| (1 if none):
+    """r = colorfulness x agreement^2, agreement = |{flat pairs with one label}| / |{flat pairs}| (1 if none):
     over the pairs of a pixel and the pixel one code to its right or below (gap H / 16 px: the LM writes 16 x 16
     codes, and the pixels inside one code agree whatever the code), a label as in colour_labels (hue bin if chroma
     > 10, else neutral), a pair "flat" if the gray input differs by < 0.05 between them (|g(p) - g(q)|, g in [0, 1]).
     Colorfulness counts pixels, so confetti scores as well as coloured objects; agreement asks for one colour
     where the gray image shows no edge (an object's inside), and lets the colour change where it has one. It reads
     only the prediction and the gray input, so it works on photos too. 0.05: 98% of the synthetic world's pairs
-    inside a segment are below it (pixel noise), 30% of the pairs across a boundary too (same L*: no edge).
+    inside a segment are below it (pixel noise), 30% of the pairs across a boundary too (same L*: no edge). Squared:
+    with agreement^1 colorfulness still wins and coherence falls, with ^3 hues and gamut suffer (probes/README.md).
     pred (B, K, 3, H, W) in [0, 1], batch["gray"] (B, C, H, W) in [0, 1] (every channel equal) -> r (B, K)."""
     B, K, _, H, W = pred.shape
     score, vivid, entropy = colorfulness(pred.flatten(0, 1))
