@@ -128,10 +128,12 @@ def test_vivid_coherent_tells_objects_from_confetti():
     pred, gray = torch.stack([x, confetti], 1), {"gray": torch.full((1, 3, 16, 16), 0.5)}  # (1, 2, ...): K = 2
     r0, _ = colorize.reward_colorfulness(pred, {})
     assert abs(r0[0, 0] - r0[0, 1]) < 1e-6  # the paper's score cannot tell them apart (a pixel histogram)
-    r, aux = colorize.reward_vivid_coherent(pred, gray)
+    r, aux = colorize.reward_vivid_coherent(pred, gray, power=1)
     # the quadrants: 480 neighbour pairs, 32 across a quadrant edge (the gray is flat everywhere)
     col = 0.75 * math.log(4)  # vivid 3/4; 4 hue bins of 1/4 each: gray and tint (hue 0), red, orange, blue
     assert abs(r[0, 0].item() - col * 448 / 480) < 1e-5
+    r2, _ = colorize.reward_vivid_coherent(pred, gray)  # the default: the agreement squared
+    assert abs(r2[0, 0].item() - col * (448 / 480) ** 2) < 1e-5
     assert r[0, 1] < 0.5 * r[0, 0]  # confetti: a neighbour shares the label about 1/4 of the time
 
 
@@ -156,7 +158,7 @@ def test_vivid_coherent_gray_edges_excuse_colour_changes():
     edge[..., 2:] = 0.8  # the gray image has an edge where the colour changes
     off = flat.clone()
     off[:, :, 2:] = 0.8  # an edge elsewhere (between rows 1 and 2) excuses nothing that changes
-    r = [colorize.reward_vivid_coherent(x, {"gray": g})[0].item() for g in (flat, edge, off)]
+    r = [colorize.reward_vivid_coherent(x, {"gray": g}, power=1)[0].item() for g in (flat, edge, off)]
     # 24 neighbour pairs, 4 across the colour change: flat 20/24; edge: those 4 are not counted -> 20/20;
     # off: the 4 vertical pairs across its edge (all same colour) are dropped -> 16/20
     want = [math.log(2) * 20 / 24, math.log(2), math.log(2) * 16 / 20]
@@ -174,7 +176,7 @@ def test_vivid_coherent_by_hand_per_image_gray_and_k():
     g1 = torch.tensor([[0.5, 0.5, 0.9], [0.5, 0.5, 0.9]]).expand(1, 3, 2, 3)  # an edge between columns 1 and 2
     g2 = torch.full((1, 3, 2, 3), 0.3)  # flat
     pred = torch.stack([torch.cat([p1, p2]), torch.cat([p2, p1])])  # (B=2, K=2, 3, 2, 3)
-    r, aux = colorize.reward_vivid_coherent(pred, {"gray": torch.cat([g1, g2])})
+    r, aux = colorize.reward_vivid_coherent(pred, {"gray": torch.cat([g1, g2])}, power=1)
     h1 = -(1 / 2 * math.log(1 / 2) + 1 / 3 * math.log(1 / 3) + 1 / 6 * math.log(1 / 6))  # p1: R 3, B 2, N 1 of 6
     c1 = 5 / 6 * h1  # vivid 5 of 6
     c2 = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))  # p2: R 4, B 2, all vivid
