@@ -303,7 +303,8 @@ def test_box_noise_moves_edges_by_its_share_of_the_box():
 def test_box_score_ranks_by_class_place_and_iou():
     """A box scores p(class) x the geometric mean of its coordinates' probabilities x the expected IoU: an unsure
     coordinate or class lowers it, and the four coordinates count alike (a geometric mean, not a product)."""
-    p = torch.tensor([[[.9, .9, .9, .9, .8, 1], [.9, .9, .9, .1, .8, 1], [.9, .9, .9, .9, .4, 1], [.1, .9, .9, .9, .8, 1]]])
+    p = torch.tensor([[[.9, .9, .9, .9, .8, 1], [.9, .9, .9, .1, .8, 1],  # (1 image, 4 boxes, 6 tokens)
+                       [.9, .9, .9, .9, .4, 1], [.1, .9, .9, .9, .8, 1]]])
     s = detect.box_score(p, torch.full((1, 4), 0.5))[0]
     assert s[0] == pytest.approx(0.8 * 0.9 * 0.5) and s[1] < s[0] and s[2] == pytest.approx(s[0] / 2)
     assert s[3] == pytest.approx(s[1])  # which coordinate is unsure does not matter
