@@ -280,7 +280,7 @@ def reward_vivid_coherent(pred, batch, edge=0.05, power=2):
     n_flat = flat.sum(2)  # (B, 1)
     agree = torch.where(n_flat > 0, (same * flat).sum(2) / n_flat.clamp(min=1), 1.0)  # (B, K)
     return score.view(B, K) * agree ** power, dict(vivid=vivid.mean(), hue_entropy=entropy.mean(),
-                                          colorfulness=score.mean(), agreement=agree.mean())
+                                                   colorfulness=score.mean(), agreement=agree.mean())
 
 
 REWARDS = {"colorfulness": reward_colorfulness, "vivid_coherent": reward_vivid_coherent}

@@ -371,8 +371,8 @@ def fingerprint(state):  # sha1 of a state dict's tensors: which checkpoint a st
     return h.hexdigest()[:12]
 
 def eval_checkpoints(out_dir, task):
-    """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward that exist. reward and mle_cont are
-    put side by side only if both started from the mle checkpoint here, mle_cont at the reward stage's lr / steps."""
+    """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward(_<name>) that exist, side by side
+    only if each started from the mle checkpoint here, and mle_cont at each reward stage's lr / schedule / steps."""
     d = os.path.join(out_dir, task)  # reward_<name>/: a reward other than the task's first (colorize --reward)
     more = sorted(n for n in os.listdir(d) if n.startswith("reward_")) if os.path.isdir(d) else []
     paths = {n: os.path.join(d, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"] + more}
