@@ -636,7 +636,7 @@ def main():
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        common.stage_flags(args, preset, stage, given, "caption")  # mle_cont: the reward stage's lr, schedule, steps
+        common.stage_flags(args, preset, stage, given, "caption", REWARDS)  # mle_cont: the reward stage's lr, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":

@@ -92,7 +92,7 @@ p.add_argument("--eval_temperature", type=float, default=1.0,
 p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
                help="reward to optimize (REWARDS): the paper's colorfulness, or it x the squared agreement of "
                     "the colours of pixels one code apart where the gray image has no edge (its stage writes "
-                    "out/colorize/reward_vivid_coherent/: eval shows both rows; mle_cont stays the control of reward/)")
+                    "out/colorize/reward_vivid_coherent/: eval shows both rows; mle_cont is the control of both)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -413,8 +413,7 @@ def train(args, stage):
         cfg, state = ck["config"], ck["model"]
     else:
         cfg, state = common.model_config(args.model, args.image_size, V, L, 0, args.dec_layers, args.patch), None
-    name = stage if stage != "reward" or args.reward == "colorfulness" else f"reward_{args.reward}"  # its own row
-    raw, model, opt, start, path, meta = common.stage_setup("colorize", name, args, cfg, meta, device, world, state)
+    raw, model, opt, start, path, meta = common.stage_setup("colorize", stage, args, cfg, meta, device, world, state)
     vqvae.check_lm(raw.cfg, meta, oracle, path if start else init)  # its codes must mean what this oracle's do
     if not ck and start == 0:
         common.init_encoder(raw, args, "colorize")
@@ -540,7 +539,7 @@ def main():
         if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
             train_oracle(args)
             continue
-        common.stage_flags(args, preset, stage, given, "colorize")  # mle_cont: the reward stage's lr, schedule, steps
+        common.stage_flags(args, preset, stage, given, "colorize", REWARDS)  # mle_cont: the reward stage's lr, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":

@@ -373,7 +373,7 @@ def fingerprint(state):  # sha1 of a state dict's tensors: which checkpoint a st
 def eval_checkpoints(out_dir, task):
     """The eval stage's checkpoints {name: (path, ck)} of mle, mle_cont, reward(_<name>) that exist, side by side
     only if each started from the mle checkpoint here, and mle_cont at each reward stage's lr / schedule / steps."""
-    d = os.path.join(out_dir, task)  # reward_<name>/: a reward other than the task's first (colorize --reward)
+    d = os.path.join(out_dir, task)  # reward_<name>/: a --reward other than the task's first (stage_flags)
     more = sorted(n for n in os.listdir(d) if n.startswith("reward_")) if os.path.isdir(d) else []
     paths = {n: os.path.join(d, n, "ckpt.pt") for n in ["mle", "mle_cont", "reward"] + more}
     if not (cks := {n: (q, load_ckpt(q, task)) for n, q in paths.items() if os.path.exists(q)}):
@@ -400,11 +400,12 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 
-def stage_flags(args, preset, stage, given, task):
-    """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule.
-    mle_cont, the fair control, copies the reward stage's from its checkpoint: the loss is the only difference."""
+def stage_flags(args, preset, stage, given, task, rewards):
+    """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule;
+    mle_cont (the fair control) copies the reward stage's. A --reward not first in rewards writes reward_<name>/."""
+    args.reward_dir = "reward" if args.reward == next(iter(rewards)) else f"reward_{args.reward}"
     if stage == "mle_cont":
-        path = os.path.join(args.out_dir, task, "reward", "ckpt.pt")  # missing: one line, run the reward stage first
+        path = os.path.join(args.out_dir, task, args.reward_dir, "ckpt.pt")  # missing: one line, run that stage first
         ck = load_ckpt(path, task)
         was = {k: ck["args"].get(k) for k in CONTROL} | {"steps": ck["step"]}
         if bad := [k for k, v in given.items() if v is not None and v != was[k]]:
@@ -422,7 +423,7 @@ def stage_flags(args, preset, stage, given, task):
 def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
     eval and saving; the wrapped one for the forward with grad."""
-    path = os.path.join(args.out_dir, task, stage, "ckpt.pt")
+    path = os.path.join(args.out_dir, task, args.reward_dir if stage == "reward" else stage, "ckpt.pt")
     start, opt_state, b = 0, None, args.batch_size // world
     if args.micro_batch and b % args.micro_batch:  # unequal parts would weigh their examples unequally
         raise UserError(f"--micro_batch {args.micro_batch} does not divide the per-process batch {b}")

@@ -86,7 +86,8 @@ p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="first", choices=["first", "all"], help="train on sample 0 only or all K")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
-p.add_argument("--reward", default="map", choices=["map", "recall"], help="reward to optimize (see REWARDS)")
+p.add_argument("--reward", default="map", choices=["map", "recall"], help="reward to optimize (see REWARDS); recall's "
+               "stage writes out/detect/reward_recall/, so eval shows it beside map's")
 p.add_argument("--conf_weight", type=float, default=0.3, help="weight of the confidence-to-IoU loss")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
@@ -622,7 +623,7 @@ def main():
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        common.stage_flags(args, preset, stage, given, "detect")  # mle_cont: the reward stage's lr, schedule, steps
+        common.stage_flags(args, preset, stage, given, "detect", REWARDS)  # mle_cont: the reward stage's lr, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":

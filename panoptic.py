@@ -636,7 +636,7 @@ def main():
         if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
             train_oracle(args)
             continue
-        common.stage_flags(args, preset, stage, given, "panoptic")  # mle_cont: the reward stage's lr, schedule, steps
+        common.stage_flags(args, preset, stage, given, "panoptic", REWARDS)  # mle_cont: the reward stage's lr, steps
         if stage == "eval":
             evaluate(args)
         elif stage == "encoder":

@@ -2,6 +2,7 @@
 Run: python -m pytest -q tests/test_detect_cli.py"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,21 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "resume with the same" in p.stderr
     run(*common, "--out_dir", tmp_path / "b", "--resume")
     assert_same(weights(tmp_path / "a/detect/reward/ckpt.pt"), weights(tmp_path / "b/detect/reward/ckpt.pt"))
+
+
+def test_a_second_reward_gets_its_own_dir_control_and_eval_row(tiny, tmp_path):
+    """--reward recall (not detect's first reward) writes reward_recall/ and leaves reward/ alone; mle_cont copies
+    that stage's schedule (before: it read reward/ only, so --stage all --reward recall ended in an error)."""
+    shutil.copytree(tiny[0] / "detect" / "mle", tmp_path / "detect" / "mle")
+    run("--tiny", "--stage", "reward", "--reward", "recall", "--steps", 3, "--out_dir", tmp_path)
+    run("--tiny", "--stage", "mle_cont", "--reward", "recall", "--out_dir", tmp_path)
+    p = run("--tiny", "--stage", "eval", "--out_dir", tmp_path)
+    assert not os.path.exists(tmp_path / "detect" / "reward")
+    ck = torch.load(tmp_path / "detect" / "reward_recall" / "ckpt.pt", weights_only=True)
+    assert ck["args"]["reward"] == "recall" and ck["step"] == 3
+    m = json.load(open(tmp_path / "detect" / "eval" / "metrics.json"))
+    assert set(m) == {"mle", "mle_cont", "reward_recall"} and m["reward_recall"]["steps"] == m["mle_cont"]["steps"]
+    assert "| reward_recall |" in p.stdout
 
 
 def test_all_stages_from_init_hand_off(tiny, tmp_path):
