@@ -36,7 +36,7 @@ PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, image_size=64, batch_size=32, mle_steps=1500, temperature=.7,
                       mle_lr=1e-3, mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=20,
                       reward_wd=0.0, enc_lr_mult=0.1, samples=8, eval_images=500, num_train=10000, num_val=500,
-                      enc_steps=1000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),  # enc_lr_mult .1: ViT keeps shapes
+                      enc_steps=3000, enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),  # enc_lr_mult .1: ViT keeps shapes
     # the paper's Table 8 (ViT-B/16; its ImageNet-21k encoder init is --init_encoder)
     "coco": dict(model="B/16", patch=16, dec_layers=6, image_size=512, batch_size=256, mle_steps=5000, mle_lr=3e-4,
                  mle_warmup=1000, mle_wd=5e-6, reward_steps=10000, reward_lr=1e-5, reward_warmup=1000, reward_wd=0.0,
