@@ -120,18 +120,19 @@ class Attention(nn.Module):
 
     def forward(self, x, kv=None, causal=False, cache=None, pos=0):
         B, T, D = x.shape
-        q = self.split(self.q(x))
         k, v = self.memory_kv(x) if kv is None else kv  # self-attention, or cross-attention to given K/V
+        r = B // k.shape[0]  # cross-attention: R samples per image share its K/V, (B, T) queries -> (B/R, R*T)
+        q = self.q(x).view(B // r, r, T, self.h, -1).permute(0, 3, 1, 2, 4).flatten(2, 3)  # (B/R, H, R*T, D/H)
         if kv is None and cache is not None:  # cache: (2, B, H, L, D/H); write T new positions at pos
             assert T == 1 or pos == 0, "cached attention takes one token at a time"
             cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
             k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
             causal = causal and T > 1  # a single new query may see every cached key
-        if T == 1 and not x.is_cuda:  # one query (sampling): a plain matmul; CPU's fused kernel costs ~0.5 ms a call
+        if T == 1 and not x.is_cuda:  # one query per sequence (sampling): a plain matmul; CPU sdpa: ~0.5 ms a call
             y = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B/R, H, R*T, D/H)
+        return self.out(y.view(B // r, self.h, r, T, -1).permute(0, 2, 3, 1, 4).reshape(B, T, D))
 
 class Block(nn.Module):
     """Pre-LN block: self-attention, optional cross-attention to the encoder, MLP."""
@@ -191,16 +192,15 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.cfg, self.encoder, self.decoder = cfg, ViT(cfg), Decoder(cfg)
 
-    def memory_kv(self, images, repeat=1):
-        """Encoder once per image, cross-attention K/V once per layer, then repeated per sample."""
-        mem = self.encoder(images)
-        return [tuple(t.repeat_interleave(repeat, 0) for t in b.cross.memory_kv(mem)) for b in self.decoder.blocks]
+    def memory_kv(self, images):  # encoder once per image, cross-attention K/V once per layer; samples share them
+        mem = self.encoder(images)  # contiguous: else matmul copies the (B, H, M, D/H) view at every sampled token
+        return [tuple(t.contiguous() for t in b.cross.memory_kv(mem)) for b in self.decoder.blocks]
 
     def forward(self, images, tokens, allowed=None):
         """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image ->
         logits (B*R, L, V) predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): grammar, as in sample."""
         inp = torch.cat([torch.full_like(tokens[:, :1], self.cfg["bos"]), tokens[:, :-1]], 1)
-        logits = self.decoder(inp, self.memory_kv(images, tokens.shape[0] // images.shape[0]))
+        logits = self.decoder(inp, self.memory_kv(images))
         return logits if allowed is None else logits.masked_fill(~allowed[: tokens.shape[1]], float("-inf"))
 
 def load_timm_encoder(model, path):
@@ -247,7 +247,7 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
     """Autoregressive sampling of K sequences per image (temperature 0: greedy) -> tokens (B, K, L) and their log-probs
     (B, K, L) under the model at temperature 1 (what REINFORCE differentiates); after end_token: pad_token, logp 0."""
     B, N, dev, c = images.shape[0], images.shape[0] * k, images.device, model.cfg
-    kv = model.memory_kv(images, k)
+    kv = model.memory_kv(images)
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
     logps, ended = torch.zeros(N, seq_len, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
     caches = [torch.empty(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)

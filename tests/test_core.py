@@ -40,6 +40,13 @@ def test_sample_logp_equals_teacher_forced_logp():
     torch.testing.assert_close(logp.reshape(6, -1), tf, atol=1e-4, rtol=1e-4)
 
 
+def test_samples_share_their_own_images_cross_attention():
+    """R samples per image read the image's K/V once (grouped queries): the same logits as R copies of the image."""
+    m, imgs, tok = tiny_model(), torch.randn(3, 3, 16, 16), torch.randint(0, 39, (12, 24))
+    torch.testing.assert_close(m(imgs, tok), m(imgs.repeat_interleave(4, 0), tok), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(m(imgs, tok), m(imgs.repeat(4, 1, 1, 1), tok), atol=1e-3)  # another image's: differs
+
+
 def test_greedy_topk1_and_tiny_top_p_agree_and_end_token_stops():
     m, imgs = tiny_model(), torch.randn(2, 3, 16, 16)
     g = common.sample(m, imgs, 24, temperature=0)[0]
