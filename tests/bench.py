@@ -126,7 +126,7 @@ m = common.EncoderDecoder(common.model_config("tiny", 64, vq["codebook"] + 1, 25
 opt = torch.optim.AdamW(m.parameters(), 1e-4)
 allowed = vqvae.allowed_tokens(vq["codebook"], "cpu")
 t_mle = best(lambda: common.mle_loss(m, imgs, vqvae.encode(oracle, target, imgs) + 1, torch.ones(B, 256))[0].backward())
-t_sample = best(lambda: common.sample(m, imgs, 256, K, allowed=allowed), n=1)
+t_sample = best(lambda: common.sample(m, imgs, 256, K, allowed=allowed))  # best of --repeat, as the rest
 tok, _ = common.sample(m, imgs, 256, K, allowed=allowed)
 rep = imgs.repeat_interleave(K, 0)
 t_decode = best(lambda: panoptic.segment(oracle, tok.flatten(0, 1), rep))
