@@ -42,11 +42,11 @@ PRESETS = {
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
                       enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
-                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05),
+                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, top_p=1.0),
     # real photos (the paper: ImageNet, ViT-L/16 at 512, Table 7: batch 512, constant lr 3e-7, 1k steps)
     "folder": dict(model="B/16", patch=16, dec_layers=6, batch_size=64, mle_steps=20000, mle_lr=1e-3,
                    mle_warmup=1000, mle_wd=1e-6, reward_steps=1000, reward_lr=3e-7, reward_warmup=0, reward_wd=0.0,
-                   enc_lr_mult=0.1, samples=2, eval_images=500, num_train=0, num_val=500),
+                   enc_lr_mult=0.1, samples=2, eval_images=500, num_train=0, num_val=500, top_p=1.0),
 }
 TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, reward_steps=10, eval_images=8,
             num_train=64, num_val=8, mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
@@ -89,6 +89,8 @@ p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
 p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
+p.add_argument("--top_p", type=float, default=None, help="nucleus sampling in the reward stage and at eval: each code "
+               "from the smallest set holding this much probability (preset; 1: every code)")
 p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
                help="reward to optimize (REWARDS): the paper's colorfulness, or it x the squared agreement of "
                     "the colours of pixels one code apart where the gray image has no edge (its stage writes "
@@ -331,7 +333,7 @@ def segment_maps(ds, n):
 
 
 @torch.no_grad()
-def predict(model, oracle, ds, device, n_images, temperature, seed, batch_size=50):
+def predict(model, oracle, ds, device, n_images, temperature, top_p, seed, batch_size=50):
     """Colourings of the first n_images (N, 3, S, S) in [0, 1], with the true colours; sampling noise is a
     function of (seed, image index) only, so every model is evaluated on the same draws."""
     model.eval()
@@ -343,7 +345,7 @@ def predict(model, oracle, ds, device, n_images, temperature, seed, batch_size=5
         gray = gray.to(device)
         noise = common.example_noise(seed, 0, idx, 1, 256)
         with common.autocast(device):
-            tok, _ = common.sample(model, gray, 256, 1, temperature, noise=noise, allowed=allowed)
+            tok, _ = common.sample(model, gray, 256, 1, temperature, top_p=top_p, noise=noise, allowed=allowed)
         out.append(colours(oracle, tok, gray)[:, 0].float().cpu())
         truth.append((rgb + 1) / 2)
     model.train()
@@ -441,7 +443,8 @@ def train(args, stage):
         def reward_micro(s):
             noise = common.example_noise(args.seed, step, pos[s], args.samples, L)
             with common.autocast(device):
-                tok, _ = common.sample(raw, gray[s], L, args.samples, args.temperature, noise=noise, allowed=allowed)
+                tok, _ = common.sample(raw, gray[s], L, args.samples, args.temperature, top_p=args.top_p, noise=noise,
+                                       allowed=allowed)
             r, aux = REWARDS[args.reward](colours(oracle, tok, gray[s]), dict(gray=(gray[s] + 1) / 2))  # [0, 1]
             with common.autocast(device):
                 loss, _, _, _, st = common.reinforce_loss(model, gray[s], tok, r,
@@ -462,7 +465,8 @@ def train(args, stage):
         if master and ((step + 1) % args.ckpt_every == 0 or done):
             common.save_stage(path, "colorize", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
-            pred, truth = predict(raw, oracle, va, device, args.eval_images, args.eval_temperature, args.seed)
+            pred, truth = predict(raw, oracle, va, device, args.eval_images, args.eval_temperature, args.top_p,
+                                  args.seed)
             m = summarize(image_metrics(pred, truth, segment_maps(va, len(pred))))
             log(step + 1, **{f"val_{k}": v for k, v in m.items() if v is not None})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
@@ -488,7 +492,7 @@ def evaluate(args):
     imgs, steps = {}, {}
     for name, (path, ck) in cks.items():
         model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
-        imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.seed)
+        imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.top_p, args.seed)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         steps[name] = f"{prior}+{ck['step']}" if prior else str(ck["step"])
     with torch.no_grad():  # the oracle's own reconstruction: the ceiling of any code sequence
@@ -512,7 +516,8 @@ def evaluate(args):
               f"{'-' if k == 'truth' else format(m['psnr'], '.2f')} | {m['gamut_edge']:.4f} |"
               for k, m in metrics.items()]
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"held-out {n} images, eval temperature {args.eval_temperature}\n\n" + "\n".join(table) + "\n")
+        f.write(f"held-out {n} images, eval temperature {args.eval_temperature}, top_p {args.top_p}\n\n"
+                + "\n".join(table) + "\n")
     print("\n".join(table))
     gray = torch.stack([(va[i][1] + 1) / 2 for i in range(min(8, n))])
     grid = [[to_pil(gray[i])] + [to_pil(rows[k][0][i]) for k in ["truth"] + list(imgs)] for i in range(len(gray))]
@@ -526,7 +531,7 @@ def main():
     if args.data == "folder" and not args.data_dir:
         raise UserError("--data folder needs --data_dir")
     for k in ["model", "patch", "dec_layers", "batch_size", "samples", "enc_lr_mult", "eval_images", "num_train",
-              "num_val"]:
+              "num_val", "top_p"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     stages = ["oracle", "encoder", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]

@@ -248,6 +248,10 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
     assert "| coherence |" in p.stdout
     assert len(os.listdir(tmp_path / "out" / "colorize" / "eval" / "reward")) == 8
     assert Image.open(tmp_path / "out" / "colorize" / "eval" / "grid.png").size[1] > 8 * 32
+    def mle_eval(*flags):  # --top_p reaches the eval's sampler: a nucleus of one code is greedy decoding
+        assert run("colorize.py", "--tiny", "--stage", "eval", "--out_dir", out, *flags).returncode == 0
+        return json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))["mle"]
+    assert mle_eval("--top_p", "1e-6") == mle_eval("--eval_temperature", "0") != m["mle"]
     ck = torch.load(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt", weights_only=True)
     ck["model"]["sums"][0] += 1  # an oracle retrained since decodes the LMs' codes into other colours: refused
     torch.save(ck, tmp_path / "other.pt")
