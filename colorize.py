@@ -39,10 +39,12 @@ from common import UserError
 
 # ---- config: one flat block; presets per data source, explicit flags override ----------------------------------------
 PRESETS = {
+    # top_p 0.8: the T = 1 samples' incoherence is the tail of each code's distribution; 50 reward steps: past them
+    # coherence falls below MLE's - 0.05 (results/colorize/probes/coherence/sampling_default_layout/)
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=1200, mle_lr=1e-3,
-                      mle_warmup=100, mle_wd=0.05, reward_steps=150, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
+                      mle_warmup=100, mle_wd=0.05, reward_steps=50, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
                       enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
-                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, top_p=1.0),
+                      enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, top_p=0.8),
     # real photos (the paper: ImageNet, ViT-L/16 at 512, Table 7: batch 512, constant lr 3e-7, 1k steps)
     "folder": dict(model="B/16", patch=16, dec_layers=6, batch_size=64, mle_steps=20000, mle_lr=1e-3,
                    mle_warmup=1000, mle_wd=1e-6, reward_steps=1000, reward_lr=3e-7, reward_warmup=0, reward_wd=0.0,
