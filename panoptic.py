@@ -36,7 +36,7 @@ from common import UserError
 PRESETS = {
     # MLE to convergence (MLE continued gains < 0.5 PQ), then K = 8 at T = 0.5 (results/panoptic/probes/README.md)
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=2400, mle_lr=1e-3,
-                      mle_warmup=100, mle_wd=0.05, reward_steps=200, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
+                      mle_warmup=100, mle_wd=0.05, reward_steps=300, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
                       enc_lr_mult=1.0, samples=8, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
                       enc_lr=1e-3, enc_warmup=100, enc_wd=0.05, temperature=0.5),
     # the paper's Table 5 (ViT-L/16, 24 decoder layers, 512 px); MLE: UViM's stage II (44.6k steps, lr 1e-3)
