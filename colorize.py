@@ -173,7 +173,9 @@ def load_synthetic(split, n, size, seed):
     panoptic map (S, S) of segment ids (0 = void; the scenes are drawn at the model's size S): coherence's segments."""
     scenes = common.synthetic_world(split, n, size, seed)
     return [dict(id=i, image=recolour_stuff(s, np.random.default_rng([seed, 7, len(split), i])),  # 5: train, 3: val
-                 panoptic=s["panoptic"]) for i, s in enumerate(scenes)]  # the cached scene's array, not a copy
+                 panoptic=s["panoptic"], things=[x["id"] for x in s["segments"]  # the cached array, not a copy
+                                                 if common.CATEGORIES[x["category_id"] - 1]["isthing"]])
+            for i, s in enumerate(scenes)]
 
 
 def load_folder(args):
@@ -308,6 +310,22 @@ def coherence(images, segments, min_chroma=10.0, bins=7):
     return (share * real).sum(1) / real.sum(1).clamp(min=1)
 
 
+def distinct(images, segments, things, ring=3, min_chroma=10.0, bins=7):
+    """Does each object stand out in its own colour? (N, 3, H, W) sRGB in [0, 1], segments (N, H, W) ids, things
+    (N, T) the things' ids (0: padding) -> (N,): the share of an image's things t whose majority label differs
+    from the majority label of the pixels within `ring` px outside t (its surroundings: other segments, the ground),
+        distinct = 1/|T| sum_{t in T} [argmax_l |{p in t : label(p) = l}| != argmax_l |{p in ring(t) : label(p) = l}|]
+    labels as in coherence. One colour over object and ground scores 0 however coherent; a vivid object on a muted
+    ground 1. Things with no visible pixel are skipped (an image without any: nan, left out of the mean)."""
+    lab = F.one_hot(colour_labels(images, min_chroma, bins), bins + 1).flatten(1, 2).float()  # (N, H W, L)
+    seg, things = segments.to(lab.device).long(), things.to(lab.device).long()
+    inside = (seg[:, None] == things[:, :, None, None]) & (things[:, :, None, None] > 0)  # (N, T, H, W)
+    near = (F.max_pool2d(inside.float(), 2 * ring + 1, 1, ring) > 0) & ~inside
+    a, b = inside.flatten(2).float() @ lab, near.flatten(2).float() @ lab  # (N, T, L) label counts in and around
+    real = inside.flatten(2).any(2)
+    return ((a.argmax(2) != b.argmax(2)) & real).sum(1) / real.sum(1)  # 0 / 0: nan
+
+
 def gamut_edge(images):
     """(N, 3, H, W) in [0, 1] -> (N,) fraction of pixels with a channel at 0 or 255 (8 bits): colours pushed
     out of the sRGB gamut end there (clipped), so a model that hacks saturation raises it."""
@@ -321,17 +339,23 @@ def psnr(images, truth):
     return 10 * torch.log10(4 / mse.clamp(min=1e-10))
 
 
-def image_metrics(images, truth, segments=None):  # segments (N, S, S) or None (photos: coherence unknown)
+def image_metrics(images, truth, segments=None):  # segments: (maps, things) or None (photos: both unknown)
     score, vivid, entropy = colorfulness(images)
     return dict(colorfulness=score, vivid=vivid, hue_entropy=entropy,
-                coherence=None if segments is None else coherence(images, segments), psnr=psnr(images, truth),
+                coherence=None if segments is None else coherence(images, segments[0]),
+                distinct=None if segments is None else distinct(images, *segments), psnr=psnr(images, truth),
                 gamut_edge=gamut_edge(images))
 
 
 def segment_maps(ds, n):
-    """The first n held-out items' panoptic maps (n, S, S), or None if they have none (photos)."""
-    maps = [ds.items[i].get("panoptic") for i in range(n)]
-    return None if any(m is None for m in maps) else torch.from_numpy(np.stack(maps))
+    """The first n held-out items' panoptic maps (n, S, S) and thing ids (n, T; 0 pads), or None (photos)."""
+    items = [ds.items[i] for i in range(n)]
+    if any(it.get("panoptic") is None for it in items):
+        return None
+    things = torch.zeros(n, max(1, *(len(it["things"]) for it in items)), dtype=torch.long)
+    for i, it in enumerate(items):
+        things[i, :len(it["things"])] = torch.tensor(it["things"], dtype=torch.long)
+    return torch.from_numpy(np.stack([it["panoptic"] for it in items])), things
 
 
 @torch.no_grad()
@@ -355,7 +379,7 @@ def predict(model, oracle, ds, device, n_images, temperature, top_p, seed, batch
 
 
 def summarize(m):  # per-image metrics -> their means (None stays None: "n/a")
-    return {k: None if v is None else float(v.mean()) for k, v in m.items()}
+    return {k: None if v is None else float(v.float().nanmean()) for k, v in m.items()}
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
@@ -511,10 +535,10 @@ def evaluate(args):
             to_pil(x[i]).save(os.path.join(out, name, f"{i:04d}.png"))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    table = ["| colours | steps | colorfulness | vivid | hue entropy | coherence | PSNR | gamut edge |",
-             "|---" * 8 + "|"]
+    table = ["| colours | steps | colorfulness | vivid | hue entropy | coherence | objects distinct | PSNR | "
+             "gamut edge |", "|---" * 9 + "|"]
     table += [f"| {k} | {m['steps']} | {m['colorfulness']:.3f} | {m['vivid']:.3f} | {m['hue_entropy']:.3f} | "
-              f"{'n/a' if m['coherence'] is None else format(m['coherence'], '.3f')} | "
+              + "".join("n/a | " if m[c] is None else f"{m[c]:.3f} | " for c in ("coherence", "distinct")) +
               f"{'-' if k == 'truth' else format(m['psnr'], '.2f')} | {m['gamut_edge']:.4f} |"
               for k, m in metrics.items()]
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -121,6 +121,27 @@ def test_coherence_known_splits():
     assert got.shape == (2,) and abs(got[0].item() - want) < 1e-6 and abs(got[1].item() - 0.5) < 1e-6
 
 
+def test_distinct_asks_each_object_for_a_colour_of_its_own():
+    def scene(obj_a, obj_b, ground=GRAY):  # 6 x 6: object 1 (2 x 2) top left, object 2 (2 x 2) bottom right
+        rows = [[ground] * 6 for _ in range(6)]
+        for r, c in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+            rows[r][c] = obj_a
+        for r, c in [(4, 4), (4, 5), (5, 4), (5, 5)]:
+            rows[r][c] = obj_b
+        return paint(rows)
+    seg = torch.full((6, 6), 3)  # 3: the ground
+    seg[1:3, 1:3], seg[4:, 4:] = 1, 2
+    things = torch.tensor([[1, 2, 0]])  # 0 pads
+    d = lambda x, t=things, s=seg: colorize.distinct(x, s[None], t, ring=1).tolist()
+    assert d(scene(RED, BLUE)) == [1.0]  # both vivid on a neutral ground
+    assert d(scene(RED, DARK)) == [0.5]  # object 2 neutral like its ground: one colour over both, however coherent
+    assert d(scene(RED, BLUE, ground=RED)) == [0.5]  # object 1 the ground's hue; object 2 stands out
+    assert colorize.coherence(scene(GRAY, GRAY), seg[None]).tolist() == [1.0]  # what coherence cannot see...
+    assert d(scene(GRAY, GRAY)) == [0.0]  # ...distinct can
+    assert d(scene(RED, BLUE), torch.tensor([[1, 9]])) == [1.0]  # a thing with no visible pixel is skipped
+    assert math.isnan(d(scene(RED, BLUE), torch.tensor([[9]]))[0])  # none visible: nan (summarize leaves it out)
+
+
 def test_vivid_coherent_tells_objects_from_confetti():
     quads = [[RED] * 8 + [BLUE] * 8] * 8 + [[GRAY, TINT] * 4 + [ORANGE] * 8] * 8  # 4 labels, 4 colorfulness bins
     x = paint(quads)  # (1, 3, 16, 16)
@@ -245,7 +266,8 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
     assert list(m) == ["truth", "oracle", "mle", "mle_cont", "reward"]
     assert m["reward"]["steps"] == "30+10" and m["mle_cont"]["steps"] == "30+10" and m["truth"]["psnr"] > 90
     assert m["truth"]["coherence"] > 0.9 and all(0 < r["coherence"] <= 1 for r in m.values())  # every row has one
-    assert "| coherence |" in p.stdout
+    assert m["truth"]["distinct"] > 0.7 and all(0 <= r["distinct"] <= 1 for r in m.values())
+    assert "| coherence | objects distinct |" in p.stdout
     assert len(os.listdir(tmp_path / "out" / "colorize" / "eval" / "reward")) == 8
     assert Image.open(tmp_path / "out" / "colorize" / "eval" / "grid.png").size[1] > 8 * 32
     def mle_eval(*flags):  # --top_p reaches the eval's sampler: a nucleus of one code is greedy decoding
@@ -281,5 +303,5 @@ def test_tiny_on_a_folder_of_photos_trains_the_oracle_and_the_tiny_model(tmp_pat
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
     assert list(m) == ["truth", "oracle", "mle", "reward_vivid_coherent"]  # a second reward: its own dir and row
-    assert all(r["coherence"] is None for r in m.values())
-    assert p.stdout.count("| n/a |") == 4  # photos have no segments: not invented
+    assert all(r["coherence"] is None and r["distinct"] is None for r in m.values())
+    assert p.stdout.count("n/a") == 8  # photos have no segments: coherence and distinct not invented
