@@ -6,9 +6,11 @@ and decoder (so the codes only carry what the image does not tell). Bottleneck: 
 (on a coarser token grid each token writes and reads its r x r codes as one vector: all 256 carry information);
 cosine VQ (standardized vectors, unit-norm codewords, straight-through) with an EMA codebook whose dead codes
 are restarted by splitting the most used one; code dropout while training. Two departures from UViM in the
-synthetic panoptic preset (results/panoptic/probes/README.md): the head's logits also read per-pixel colour features of
+synthetic presets (results/panoptic/probes/README.md): the head's logits also read per-pixel colour features of
 the image (`--pixel`; our 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
-no attention or position (`--local`): a code describes its own patch only, to keep stage II's task local.
+no attention or position (`--local`): a code describes its own patch only, to keep stage II's task local. The colour
+oracle's 4 x 4 patches make one code per token, so an object's colour is not blurred into its ground by a shared
+token (results/colorize/probes/coherence/distinct/).
 
     python panoptic.py --stage oracle   # train the oracle on the synthetic world, report its PQ and code usage
     python colorize.py --stage oracle   # the colour oracle (gray image as context), report its PSNR
@@ -48,9 +50,9 @@ PRESETS = {  # "<data>/<task>"
     "synthetic/panoptic": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=256, code_dim=32,
                                instances=16, batch_size=32, steps=2000, lr=1e-3, warmup=100, eval_images=500,
                                num_train=10000, num_val=500, local=True, pixel=16),
-    "synthetic/colorize": dict(image_size=64, patch=8, width=128, depth=3, heads=4, codebook=256, code_dim=32,
-                               instances=0, batch_size=32, steps=1000, lr=1e-3, warmup=100, eval_images=300,
-                               num_train=10000, num_val=300, local=False, pixel=0),
+    "synthetic/colorize": dict(image_size=64, patch=4, width=128, depth=3, heads=4, codebook=256, code_dim=32,
+                               instances=0, batch_size=32, steps=600, lr=1e-3, warmup=100, eval_images=300,
+                               num_train=10000, num_val=300, local=True, pixel=16),
     # UViM's COCO oracle: 512 px, patch 16 (32 x 32 tokens pooled to 16 x 16 codes), 4096 codes, 100 instances
     "coco/panoptic": dict(image_size=512, patch=16, width=768, depth=6, heads=12, codebook=4096, code_dim=32,
                           instances=100, batch_size=1024, steps=111500, lr=4e-4, warmup=4000, eval_images=5000,
