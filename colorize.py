@@ -42,7 +42,7 @@ from common import UserError
 PRESETS = {
     # with vqvae's preset (one code per 4 x 4 patch): 2400 MLE steps (2000: objects distinct 0.28, 2400: 0.44); top_p
     # 0.9: the T = 1 samples' incoherence is the tail of each code's distribution (results/colorize/probes/coherence/);
-    # 50 reward steps: past them coherence falls below MLE's - 0.05 (results/colorize/probes/reward_steps/)
+    # 50 reward steps: past them each reward breaks a bar of issue 23 (results/colorize/probes/default_4px_evals/)
     "synthetic": dict(model="tiny", patch=8, dec_layers=3, batch_size=16, mle_steps=2400, mle_lr=1e-3,
                       mle_warmup=100, mle_wd=0.05, reward_steps=50, reward_lr=3e-5, reward_warmup=0, reward_wd=0.0,
                       enc_lr_mult=1.0, samples=2, eval_images=300, num_train=10000, num_val=300, enc_steps=2500,
