@@ -7,7 +7,7 @@ and decoder (so the codes only carry what the image does not tell). Bottleneck: 
 cosine VQ (standardized vectors, unit-norm codewords, straight-through) with an EMA codebook whose dead codes
 are restarted by splitting the most used one; code dropout while training. Two departures from UViM in the
 synthetic presets (results/panoptic/probes/README.md): the head's logits also read per-pixel colour features of
-the image (`--pixel`; our 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
+the image (`--pixel`; panoptic's 8 x 8 patches are an eighth of the image), so masks follow its edges; the encoder has
 no attention or position (`--local`): a code describes its own patch only, to keep stage II's task local. The colour
 oracle's 4 x 4 patches make one code per token, so an object's colour is not blurred into its ground by a shared
 token (results/colorize/probes/coherence/distinct/).
