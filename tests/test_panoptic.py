@@ -1,4 +1,5 @@
-"""panoptic.pq_compute on hand-made COCO panoptic fixtures; every expected number is derived in the comments.
+"""panoptic.pq_compute on hand-made COCO panoptic fixtures (every expected number derived in the comments) and
+against panopticapi itself on random ones.
 Run: python -m pytest -q tests/test_panoptic.py"""
 import json
 import os
@@ -192,6 +193,43 @@ def test_in_memory_counts_agree_with_pq_compute_per_image():
         assert float(r[i, 0]) == pytest.approx(iou - 0.3 * fp, abs=1e-5)  # the reward: matched IoUs - 0.3 x FPs
         seen += [tp > 0, fp > 0, fn > 0, any(gs[g]["iscrowd"] for g in gs)]
     assert (seen > 20).all()  # the random cases exercise matches, false positives, misses and crowds
+
+
+def test_pq_compute_equals_panopticapi_on_random_images(tmp_path):
+    """The official evaluation (panopticapi's pq_compute_single_core and PQStat.pq_average; PyPI's panopticapi-lite,
+    installed with --no-deps: see .ci/run) and ours on the same 300 files: void, crowd regions (several of one category
+    in an image: panopticapi keeps the last for the false-positive rule), moved / split / relabelled segments."""
+    from panopticapi.evaluation import pq_compute_single_core
+    rng, cats = np.random.default_rng(1), {c["id"]: c for c in CATS}
+    gt_anns, pred_anns, two_crowds = [], [], 0
+    for kind in ("gt", "pred"):
+        os.makedirs(tmp_path / kind)
+    for i in range(300):
+        gt, gt_cat, gt_crowd, pred, pred_cat = random_pair(rng)
+        for kind, ids in (("gt", gt), ("pred", pred)):
+            Image.fromarray(panoptic.id2rgb(ids)).save(tmp_path / kind / f"{i}.png")
+        gt_anns.append(dict(image_id=i, file_name=f"{i}.png", segments_info=[
+            dict(id=g, category_id=int(gt_cat[g]), iscrowd=int(gt_crowd[g]), area=int((gt == g).sum()))
+            for g in range(1, len(gt_cat))]))  # ids absent from the PNG too (area 0: a miss for both)
+        pred_anns.append(dict(image_id=i, file_name=f"{i}.png", segments_info=[
+            dict(id=q, category_id=int(pred_cat[q])) for q in range(1, len(pred_cat)) if (pred == q).any()]))
+        crowd_cats = gt_cat[1:][gt_crowd[1:]]
+        two_crowds += len(crowd_cats) > len(set(crowd_cats.tolist()))
+    with open(tmp_path / "gt.json", "w") as f:
+        json.dump(dict(categories=CATS, annotations=gt_anns), f)
+    with open(tmp_path / "pred.json", "w") as f:
+        json.dump(dict(annotations=pred_anns), f)
+    ours = panoptic.pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"))
+    ref = pq_compute_single_core(0, list(zip(gt_anns, pred_anns)), str(tmp_path / "gt"), str(tmp_path / "pred"), cats)
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        total, per_class = ref.pq_average(cats, isthing)
+        assert ours[name]["n"] == total["n"] == (4 if isthing is None else 2)
+        assert [ours[name][k] for k in ("pq", "sq", "rq")] == pytest.approx([total[k] for k in ("pq", "sq", "rq")],
+                                                                              abs=1e-12)
+        for c, r in per_class.items():
+            assert [ours["per_class"][c][k] for k in ("pq", "sq", "rq")] == pytest.approx(list(r.values()), abs=1e-12)
+    assert ours["fp_per_image"] == sum(s.fp for s in ref.pq_per_cat.values()) / 300
+    assert two_crowds > 5 and 0.2 < ours["All"]["pq"] < 0.9  # the hard cases occur; neither perfect nor empty
 
 
 def test_reward_scores_each_of_k_samples_against_its_own_image():
