@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import detect
 
 
 def tiny_model(vocab=40, seq_len=24, seed=0):
@@ -20,16 +21,18 @@ def tiny_model(vocab=40, seq_len=24, seed=0):
     return m
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
-def test_cached_sampling_equals_full_recompute(temperature):
+@pytest.mark.parametrize("temperature,varied", [(0.0, False), (1.0, True), (0.7, True)])
+def test_cached_sampling_equals_full_recompute(temperature, varied):
     m, imgs = tiny_model(), torch.randn(3, 3, 16, 16)
     noise = common.example_noise(0, 5, torch.arange(3), 4, 24)
     a = common.sample(m, imgs, 24, k=4, temperature=temperature, noise=noise, use_cache=True)
     b = common.sample(m, imgs, 24, k=4, temperature=temperature, noise=noise, use_cache=False)
     assert torch.equal(a[0], b[0])
     torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)  # float32 summation order
-    if temperature > 0:  # the samples are not all the same sequence
-        assert len({tuple(t) for t in a[0].reshape(12, -1).tolist()}) > 1
+    # so that the equality above is not between trivial outputs: greedy gives each image's K samples as one
+    # sequence (the noise unused), T > 0 draws different sequences for the same image from the noise
+    distinct = [len({tuple(t) for t in a[0][i].tolist()}) for i in range(3)]
+    assert (max(distinct) > 1) == varied, distinct
 
 
 def test_sample_logp_equals_teacher_forced_logp():
@@ -76,26 +79,37 @@ class Categorical(torch.nn.Module):
         return self.theta.expand(tokens.shape[0], tokens.shape[1], -1)
 
 
-@pytest.mark.parametrize("kind,grad_on", [("none", "first"), ("independent", "first"), ("loo", "first"),
-                                          ("loo", "all"), ("independent", "all")])
-def test_reinforce_gradient_is_unbiased(kind, grad_on):
+def reinforce_grad(kind, grad_on, K=4):
+    """reinforce_loss's gradient for the Categorical policy from 200k images x K samples, and the exact one
+    d/dtheta E_p[R] = p * (R - E_p[R]) of a softmax policy."""
     torch.manual_seed(0)
     theta, R = torch.tensor([0.5, -1.0, 0.0, 1.0, 0.2]), torch.tensor([1.0, 3.0, -2.0, 0.5, 2.0])
     p = theta.softmax(0)
-    analytic = p * (R - (p * R).sum())  # d/dtheta E_p[R] for a softmax policy
-    B, K = 200_000, 4
-    pol = Categorical(theta)
+    B, pol = 200_000, Categorical(theta)
     y = torch.multinomial(p, B * K, replacement=True).view(B, K, 1)
     loss, *_ = common.reinforce_loss(pol, torch.zeros(B), y, R[y[..., 0]], torch.ones(B, K, 1, dtype=torch.bool),
                                      kind, grad_on)
     (-loss).backward()  # loss is minus the objective
-    torch.testing.assert_close(pol.theta.grad, analytic, atol=0.02, rtol=0)
-    if kind == "loo":  # the same check catches a biased baseline (own reward inside the mean)
-        pol.theta.grad = None
-        r = R[y[..., 0]]
-        adv = (r - r.mean(1, keepdim=True))[:, :1]
-        (adv * torch.log_softmax(pol.theta, 0)[y[:, :1, 0]]).mean().backward()
-        assert (pol.theta.grad - analytic).abs().max() > 0.05
+    return pol.theta.grad, p * (R - (p * R).sum())
+
+
+@pytest.mark.parametrize("kind,grad_on", [("none", "first"), ("independent", "first"), ("loo", "first"),
+                                          ("loo", "all"), ("independent", "all")])
+def test_reinforce_gradient_is_unbiased(kind, grad_on):
+    grad, analytic = reinforce_grad(kind, grad_on)
+    torch.testing.assert_close(grad, analytic, atol=0.02, rtol=0)
+
+
+def test_baseline_with_the_own_reward_shrinks_the_gradient_by_k_minus_1_over_k(monkeypatch):
+    """The classic bug, the own reward inside the mean: r - mean_all = (K-1)/K (r - mean_others), and mean_others
+    is independent of the sample, so E[grad] = (K-1)/K x the exact gradient = 0.75 x at K = 4. Its largest entry,
+    0.236 (entry 4), is then off by 0.059, beyond the 0.02 above: the unbiasedness test sees this bug. Also fails
+    if reinforce_loss ignored the baseline (adv = r: unbiased, off by 0.059 from the 0.75 x)."""
+    monkeypatch.setattr(common, "baseline", lambda r, kind: r.mean(1, keepdim=True).expand_as(r))
+    grad, analytic = reinforce_grad("loo", "first")
+    torch.testing.assert_close(grad, 0.75 * analytic, atol=0.02, rtol=0)
+    with pytest.raises(AssertionError):  # the unbiasedness test's check fails on it
+        torch.testing.assert_close(grad, analytic, atol=0.02, rtol=0)
 
 
 def test_baselines_exclude_own_reward():
@@ -110,11 +124,26 @@ def test_until_end_includes_the_end_token():
     assert common.until_end(t, 0).tolist() == [[True, True, True, False, False], [True] * 5]
 
 
-def test_checkpoint_atomic_and_checked(tmp_path):
+def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     m = tiny_model()
     path = str(tmp_path / "ckpt.pt")
     common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=3)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+    def killed(obj, f, *a, **kw):  # Ctrl-C mid-write: some bytes reach the file torch.save was given, then stop
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(common.torch, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=6)
+    assert common.load_ckpt(path, "detect")["step"] == 3  # the previous checkpoint is intact (run()'s promise)
+    # save_ckpt leaves its partial temporary file after a kill (no cleanup); what it guarantees is that the next
+    # save overwrites it and renames it into place: the new step, and no stray file
+    common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=9)
+    assert common.load_ckpt(path, "detect")["step"] == 9 and os.listdir(tmp_path) == ["ckpt.pt"]
     ck = common.load_ckpt(path, "detect")
     m2 = common.build_model(ck["config"], "cpu", ck["model"])
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
@@ -143,7 +172,23 @@ def test_timm_encoder_weights_land(tmp_path):
     common.load_timm_encoder(m, str(tmp_path / "vit.pth"))
     assert torch.equal(m.encoder.blocks[1].attn.kv.weight, sd["blocks.1.attn.qkv.weight"][d:])
     assert torch.equal(m.encoder.patch.weight, sd["patch_embed.proj.weight"])
-    assert m.encoder.pos.shape == (1, 4, d)  # 4x4 grid resized to our 2x2
+    # our grid is 16 px / patch 8 = 2 x 2, timm's 4 x 4 after its class token (entry 0). load_timm_encoder resizes
+    # with F.interpolate(mode="bilinear"), align_corners False: output pixel i samples input (i + 0.5) * 2 - 0.5 =
+    # 0.5 or 2.5, midway between rows (and columns) 2i and 2i + 1, so each output is the mean of a 2 x 2 block
+    grid = sd["pos_embed"][0, 1:].reshape(2, 2, 2, 2, d)  # (i, dy, j, dx): row 2i + dy, column 2j + dx
+    want = grid.mean((1, 3)).reshape(1, 4, d)
+    torch.testing.assert_close(m.encoder.pos.data, want, atol=1e-6, rtol=1e-6)
+    # the class token took no part: it is 100x the others' size, so any weight on it would show far beyond 1e-6;
+    # a checkpoint without a class token keeps all its pos_embed entries
+    sd["cls_token"] = torch.full((1, 1, d), 100.0)
+    sd["pos_embed"][0, 0] = 100.0
+    torch.save(sd, tmp_path / "vit.pth")
+    common.load_timm_encoder(m, str(tmp_path / "vit.pth"))
+    torch.testing.assert_close(m.encoder.pos.data, want, atol=1e-6, rtol=1e-6)
+    no_cls = {k: v for k, v in sd.items() if k != "cls_token"} | {"pos_embed": sd["pos_embed"][:, 1:]}
+    torch.save(no_cls, tmp_path / "vit.pth")
+    common.load_timm_encoder(m, str(tmp_path / "vit.pth"))
+    torch.testing.assert_close(m.encoder.pos.data, want, atol=1e-6, rtol=1e-6)
     del sd["norm.weight"]
     torch.save(sd, tmp_path / "vit.pth")
     with pytest.raises(common.UserError, match="vit.pth"):
@@ -363,3 +408,42 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
     for k in whole:
         torch.testing.assert_close(micro[k], whole[k], atol=1e-12, rtol=1e-9, msg=k)
     assert st1["loss"] == pytest.approx(st2["loss"], rel=1e-9)  # the logged loss is the global one too
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_training_with_a_user_error(bad):
+    lin, x = torch.nn.Linear(2, 1), torch.ones(1, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    args = argparse.Namespace(clip=0.0)  # no grad_norm in the statistics: the loss alone has to trip the check
+    st = common.train_step(lin, opt, args, [lambda: (lin(x).sum() * 0 + 1.5, {})], 1)
+    assert st == {"loss": 1.5}  # the same step with a finite loss goes through
+    with pytest.raises(common.UserError, match="non-finite training statistics .*--resume"):
+        common.train_step(lin, opt, args, [lambda: (lin(x).sum() * 0 + bad, {})], 1)
+
+
+def test_grammar_masked_sampling_stays_in_grammar_and_returns_the_masked_logp():
+    """detect's grammar: 3 boxes x [4 coordinates (or the end token 0 at a box's first slot), class, confidence].
+    Tokens up to the end obey it; their log-probs are the teacher-forced ones under the same mask (temperature 1)."""
+    allowed = detect.grammar(3, 5)  # (18, V), V = 1004 + 5 classes + BOS
+    L, V = allowed.shape
+    torch.manual_seed(0)
+    m = common.EncoderDecoder(common.model_config("tiny", 16, V, L, bos=V - 1, dec_layers=2, patch=8)).eval()
+    for p in m.parameters():  # peaked distributions, as tiny_model
+        p.data.mul_(3)
+    m.decoder.head.bias.data[0] += 6.0  # the end token likely where allowed: some samples end early, some never
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = common.example_noise(2, 0, torch.arange(2), 8, L)
+    tok, logp = common.sample(m, imgs, L, k=8, temperature=0.7, top_p=0.9, noise=noise, allowed=allowed,
+                              end_token=0)
+    tok, logp = tok.reshape(16, L), logp.reshape(16, L)
+    live = common.until_end(tok, 0)  # up to and including the end token
+    ends = live.sum(1)
+    assert ends.min() < L and ends.max() == L  # both cases met: ended before the last slot, and ran to it
+    assert allowed[torch.arange(L), tok][live].all()
+    tf = common.token_logp(m(imgs, tok, allowed), tok)
+    # 1e-5 + 1e-5 x |log p| (log p down to about -6): float32 summation order, the cache's one-query matmul
+    # attention against teacher forcing's sdpa (3e-5 seen); tempered log p would be off by up to 1.0, unmasked by 8.6
+    torch.testing.assert_close(logp[live], tf[live], atol=1e-5, rtol=1e-5)
+    # the mask is what keeps them in grammar: the same noise without it leaves the grammar
+    free = common.sample(m, imgs, L, k=8, temperature=0.7, top_p=0.9, noise=noise, end_token=0)[0].reshape(16, L)
+    assert not allowed[torch.arange(L), free][common.until_end(free, 0)].all()
