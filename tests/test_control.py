@@ -33,27 +33,34 @@ def lrs(out, stage):
 def test_mle_cont_runs_at_the_reward_stages_lr_and_steps_and_eval_refuses_mismatched_pairs(tmp_path):
     out, tiny = tmp_path / "out", ["--tiny", "--out_dir", tmp_path / "out", "--log_every", "1", "--num_train", "32"]
     detect("--stage", "mle", "--steps", "6", *tiny)
-    detect("--stage", "reward", "--steps", "4", "--lr", "2e-5", "--warmup", "2", *tiny)
+    # --clip and --enc_lr_mult off their defaults: mle_cont, run without them, must still take the reward stage's
+    detect("--stage", "reward", "--steps", "4", "--lr", "2e-5", "--warmup", "2", "--clip", "0.5", "--enc_lr_mult",
+           "0.5", *tiny)
     detect("--stage", "mle_cont", *tiny)  # no flags: everything from the reward checkpoint
     ck = {s: torch.load(out / "detect" / s / "ckpt.pt", weights_only=True) for s in ["mle", "reward", "mle_cont"]}
     assert ck["mle_cont"]["step"] == ck["reward"]["step"] == 4
-    for k in ["lr", "warmup", "wd", "batch_size", "enc_lr_mult", "schedule"]:
+    for k in common.CONTROL:
         assert ck["mle_cont"]["args"][k] == ck["reward"]["args"][k], k
+    assert ck["mle_cont"]["args"]["clip"] == 0.5 and ck["mle_cont"]["args"]["enc_lr_mult"] == 0.5
     assert ck["mle_cont"]["args"]["schedule"] == "constant" and ck["mle"]["args"]["schedule"] == "cosine"
     # the lr each step ran at: warmup over 2 steps to 2e-5, then constant, in both tunings alike
     assert lrs(out, "mle_cont") == lrs(out, "reward") == pytest.approx({1: 1e-5, 2: 2e-5, 3: 2e-5, 4: 2e-5})
     mle = common.fingerprint(ck["mle"]["model"])
     assert ck["reward"]["meta"]["start"] == ck["mle_cont"]["meta"]["start"] == mle
     assert common.fingerprint(ck["reward"]["model"]) != mle
-    p = detect("--stage", "mle_cont", "--steps", "9", *tiny, ok=False)  # a control of other length is refused
-    assert "--steps 4" in p.stderr
+    # a control of other length or lr is refused, naming the reward stage's values
+    p = detect("--stage", "mle_cont", "--steps", "9", "--lr", "1e-4", *tiny, ok=False)
+    assert "--steps 4" in p.stderr and f"--lr {2e-5}" in p.stderr
     detect("--stage", "eval", *tiny)
     rows = json.load(open(out / "detect" / "eval" / "metrics.json"))
     assert rows["mle_cont"]["steps"] == rows["reward"]["steps"] == "6+4"
     detect("--stage", "reward", "--steps", "3", "--lr", "2e-5", "--warmup", "2", *tiny)  # mle_cont is now stale
     assert "not the control of reward " in detect("--stage", "eval", *tiny, ok=False).stderr
-    detect("--stage", "mle_cont", *tiny)
+    detect("--stage", "mle_cont", "--lr", "2e-5", *tiny)  # an explicit flag equal to the reward stage's is fine
     detect("--stage", "eval", *tiny)
+    detect("--stage", "reward", "--steps", "3", "--lr", "3e-5", "--warmup", "2", *tiny)  # same steps, other lr
+    p = detect("--stage", "eval", *tiny, ok=False)
+    assert "not the control of reward " in p.stderr and str(3e-5) in p.stderr
     detect("--stage", "mle", "--steps", "7", *tiny)  # a new mle model: both tunings started from the old one
     assert "did not start from" in detect("--stage", "eval", *tiny, ok=False).stderr
 
