@@ -465,7 +465,7 @@ def evaluate_model(model, ds, meta, device, n_images, batch_size=128):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
                                          batch_size=batch_size, collate_fn=collate)
     out = []
-    for idx, imgs in loader:
+    for idx, imgs in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         tok, _ = common.sample(model, imgs.to(device), meta["max_len"] + 1, temperature=0, allowed=allowed,
                                end_token=EOS, pad_token=PAD)
         out += [dict(image_id=ds.items[i]["id"], caption=decode(t, meta["itos"])) for i, t in
@@ -626,8 +626,8 @@ def evaluate(args):
 def main():
     args = p.parse_args()
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
-    if args.data == "coco" and not args.data_dir:
-        raise UserError("--data coco needs --data_dir")
+    if (args.data == "coco") != bool(args.data_dir) or args.karpathy and not args.data_dir:  # else: synthetic
+        raise UserError("--data coco needs --data_dir, and --data_dir / --karpathy need --data coco")
     for k in ["model", "patch", "dec_layers", "image_size", "batch_size", "samples", "enc_lr_mult", "eval_images",
               "num_train", "num_val", "temperature"]:
         if getattr(args, k) is None:

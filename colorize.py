@@ -369,7 +369,7 @@ def predict(model, oracle, ds, device, n_images, temperature, top_p, seed, batch
                                          batch_size=batch_size)
     out, truth = [], []
     allowed = vqvae.allowed_tokens(model.cfg["vocab"] - 1, device)
-    for idx, gray, rgb in loader:
+    for idx, gray, rgb in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         gray = gray.to(device)
         noise = common.example_noise(seed, 0, idx, 1, 256)
         with common.autocast(device):
@@ -389,7 +389,7 @@ def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
     path = args.oracle or os.path.join(args.out_dir, "vqvae_colorize", "ckpt.pt")
-    oracle = vqvae.load(path, "colorize", device)
+    oracle = vqvae.load(path, "colorize", device, None if args.oracle else args)  # of this run's flags?
     args.image_size = oracle.c["image_size"]
     tr, va = load_data(args)
     return rank, world, device, oracle, path, Photos(tr, args.image_size), Photos(va, args.image_size)
@@ -556,12 +556,14 @@ def evaluate(args):
 def main():
     args = p.parse_args()
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
-    if args.data == "folder" and not args.data_dir:
-        raise UserError("--data folder needs --data_dir")
+    if (args.data == "folder") != bool(args.data_dir):  # --data_dir alone would silently train on the synthetic world
+        raise UserError("--data folder needs --data_dir, and --data_dir needs --data folder")
     for k in ["model", "patch", "dec_layers", "batch_size", "samples", "enc_lr_mult", "eval_images", "num_train",
               "num_val", "top_p"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
+    if not 0 < args.top_p <= 1 or args.eval_temperature < 0:  # else a garbage or degenerate sampler, silently
+        raise UserError(f"--top_p {args.top_p}, --eval_temperature {args.eval_temperature}: need 0 < p <= 1, T >= 0")
     stages = ["oracle", "encoder", "mle", "reward", "mle_cont", "eval"] if args.stage == "all" else [args.stage]
     if args.stage == "all" and args.oracle:  # stage I is that checkpoint
         stages.remove("oracle")

@@ -23,11 +23,11 @@ class UserError(Exception):
     """Bad input (path, file, flag, checkpoint): printed as one line, exit code 2."""
 
 def run(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """main(); a UserError or OSError -> one line, exit 2 (a DataLoader worker's: its message's last line)."""
     try:
         main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
@@ -93,8 +93,7 @@ def print0(*a, **k):
     return print(*a, **k, flush=True) if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 # ---- models: ViT encoder (pre-LN), autoregressive decoder with cross-attention ---------------------------------------
-# name -> (width, encoder depth, heads); the decoder depth is --dec_layers (6 in the paper)
-SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+SIZES = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}  # width, depth, heads
 
 def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, in_chans=3):
     """'B/16' -> a plain dict (it goes into checkpoints as is); 'tiny' takes patch from the preset."""
@@ -416,6 +415,9 @@ def stage_flags(args, preset, stage, given, task, rewards):
     kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
     vars(args).update({k: preset.get(f"{kind}_{k}") if v is None else v for k, v in given.items()},
                       schedule="constant" if stage == "reward" else "cosine")
+    if bad := [f"--{k} {v}" for k, v in vars(args).items() if k in ("steps", "batch_size", "samples", "ckpt_every",
+               "log_every", "eval_images", "temperature", "max_boxes", "max_len") and v is not None and v <= 0]:
+        raise UserError(f"{', '.join(bad)}: must be > 0 (0 would divide by zero or train nothing)")
     if stage == "reward" and args.baseline == "none" and args.temperature != 1:  # README: REINFORCE at T != 1
         raise UserError(f"--baseline none with --temperature {args.temperature}: the gradient of the untempered "
                         "log p is then biased towards the tempered policy whatever the reward; use a baseline or T 1")
@@ -430,7 +432,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
         init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
-        keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size") + (  # else silently another run (or a crash)
+        keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size", "min_count", "max_len") + (  # else a crash
             ("samples", "baseline", "grad_on", "temperature", "reward") if stage.startswith("reward") else ())
         if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
             raise UserError(f"{path}: made with {diff}; resume with the same flags")
@@ -494,13 +496,12 @@ class StepSampler:
             yield step_indices(*self.args, step)[self.slice].tolist()
 
 def open_rgb(item):
-    """An item's image as a PIL RGB image: the synthetic world's array, or its file (a bad file is one line).
-    16-bit grayscale is rescaled to 8 bits (convert("RGB") clips it: nearly every pixel white)."""
+    """An item's image as a PIL RGB image: the synthetic world's array, or its file (a bad file is one line)."""
     if "image" in item:
         return Image.fromarray(item["image"])
     try:
         with Image.open(item["file"]) as im:
-            if im.mode.startswith("I"):  # 16-bit PNGs open as I;16 (or I, int32, in older Pillows): 0..65535
+            if im.mode.startswith("I"):  # 16-bit PNGs (I;16, or I): convert("RGB") clips them to white: rescale
                 return Image.fromarray((np.asarray(im, np.float64) / 257).round().astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except OSError as e:  # readable() checked a PNG's chunks, not its pixels
@@ -547,8 +548,7 @@ STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
 
 def _shape_mask(kind, yy, xx, cy, cx, r):
-    dy, dx = yy - cy, xx - cx
-    d = np.sqrt(dy ** 2 + dx ** 2)
+    dy, dx, d = yy - cy, xx - cx, np.hypot(yy - cy, xx - cx)
     if kind == "square":
         return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
     if kind == "circle":

@@ -198,6 +198,10 @@ def load_coco(data_dir, split):
                  for im in gt["images"]}
         if len(items) < len(gt["images"]):
             raise UserError(f"{path}: {len(gt['images']) - len(items)} images repeat another image's id")
+        for k, a in enumerate(gt["annotations"]):  # name the field: filtered subsets keep stray annotations
+            if bad := [n for n, ok in [("image_id", a["image_id"] in items), ("category_id", a["category_id"] in cats),
+                                       ("bbox", len(a["bbox"]) == 4 and min(a["bbox"][2:]) >= 0)] if not ok]:
+                raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]} (not in the file, or not [x, y, w, h])")
         # COCOeval keys ground truth by annotation id (merged exports repeat them) and reads iscrowd and area
         gt["annotations"] = [dict(a, id=k + 1, iscrowd=a.get("iscrowd", 0), area=a.get("area", w * h))
                              for k, a in enumerate(gt["annotations"]) for w, h in [a["bbox"][2:4]]]
@@ -267,6 +271,8 @@ def gt_arrays(boxes, labels, max_boxes):
 def class_weights(items, num_classes, smooth=0.05):
     """w_c proportional to 1 / (count_c + smooth * total), mean 1 (the authors' reward)."""
     counts = np.bincount(np.concatenate([np.array(it["labels"], int) for it in items]), minlength=num_classes)
+    if counts.sum() == 0:  # else NaN weights, then a misleading "non-finite ... lower --lr"
+        raise UserError("the training split has no (non-crowd) boxes: nothing to learn")
     w = 1.0 / (counts + smooth * counts.sum())
     return (w * num_classes / w.sum()).tolist()
 
@@ -354,7 +360,7 @@ def predict(model, ds, meta, device, n_images, batch_size=128):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
                                          batch_size=batch_size, collate_fn=collate)
     results, rewards, nboxes, tokens_all, scores = [], [], [], [], []
-    for idx, imgs, boxes, labels in loader:
+    for idx, imgs, boxes, labels in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         imgs = imgs.to(device)
         tok, logp = common.sample(model, imgs, L, temperature=0, allowed=allowed, end_token=0)
         gb, gl = gt_arrays(boxes, labels, meta["max_boxes"])
@@ -611,14 +617,16 @@ def evaluate(args):
 def main():
     args = p.parse_args()
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
-    if args.data == "coco" and not args.data_dir:
-        raise UserError("--data coco needs --data_dir")
+    if (args.data == "coco") != bool(args.data_dir):  # --data_dir alone would silently train on the synthetic world
+        raise UserError("--data coco needs --data_dir, and --data_dir needs --data coco")
     if args.data != "synthetic" and (args.missed or args.box_noise):
         raise UserError("--missed / --box_noise make the synthetic world's annotator; real data has its own")
     for k in ["model", "patch", "dec_layers", "image_size", "max_boxes", "batch_size", "samples",
               "eval_images", "num_train", "num_val", "missed", "box_noise"]:
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
+    if not (0 <= args.missed < 1 and args.box_noise >= 0):  # missed 1: no box left to learn
+        raise UserError(f"--missed {args.missed} / --box_noise {args.box_noise}: need 0 <= missed < 1, noise >= 0")
     stages = ["encoder", "mle", "reward", "mle_cont", "eval"][args.data != "synthetic" or bool(args.init_encoder):]
     stages = stages if args.stage == "all" else [args.stage]
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)

@@ -373,8 +373,8 @@ def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
     """Greedy segmentations of the first n_images -> [(segment index (S, S) uint32, {index: category id})].
     model None: the oracle's reconstruction of the ground truth (the ceiling of any code sequence)."""
     out, allowed = [], vqvae.allowed_tokens(oracle.c["codebook"], device)
-    for idx, img, target, *_ in torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
-                                                            batch_size=batch_size):
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))), batch_size)
+    for idx, img, target, *_ in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         img = img.to(device)
         if model is None:  # outside autocast: exactly the codes MLE trains on
             tok = vqvae.encode(oracle, target.to(device), img) + 1
@@ -421,7 +421,7 @@ def setup(args):
     rank, world, device = common.ddp_setup()
     torch.manual_seed(args.seed)
     path = args.oracle or os.path.join(args.out_dir, "vqvae_panoptic", "ckpt.pt")
-    oracle = vqvae.load(path, "panoptic", device)
+    oracle = vqvae.load(path, "panoptic", device, None if args.oracle else args)  # of this run's flags?
     args.image_size = oracle.c["image_size"]
     tr, va, cats = load_data(args)
     if [c["id"] for c in cats] != [c["id"] for c in oracle.c["categories"]]:
@@ -620,8 +620,8 @@ def evaluate(args):
 def main():
     args = p.parse_args()
     preset = dict(PRESETS[args.data], **(TINY if args.tiny else {}))
-    if args.data == "coco" and not args.data_dir:
-        raise UserError("--data coco needs --data_dir")
+    if (args.data == "coco") != bool(args.data_dir):  # --data_dir alone would silently train on the synthetic world
+        raise UserError("--data coco needs --data_dir, and --data_dir needs --data coco")
     for k in ["model", "patch", "dec_layers", "batch_size", "samples", "enc_lr_mult", "eval_images", "num_train",
               "num_val", "temperature"]:
         if getattr(args, k) is None:

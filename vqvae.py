@@ -66,7 +66,7 @@ TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, bat
 # flags the task scripts share with their oracle stage; every other flag comes through their --oracle_flags
 SHARED = ("data", "data_dir", "train_split", "val_split", "out_dir", "seed", "resume", "tiny", "workers", "compile")
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser("vqvae.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"],
                help="what the codes encode; this command runs `python <task>.py --stage oracle` with these flags")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder", "coco"],
@@ -257,11 +257,16 @@ def decode(model, codes, image):
         return model.decode_codes(model.codewords()[codes], image)
 
 
-def load(path, task, device):
-    """A trained oracle, frozen, for stage II (panoptic.py / colorize.py)."""
+def load(path, task, device, task_args=None):
+    """A trained oracle, frozen, for stage II (panoptic.py / colorize.py). task_args: the task script's flags when
+    the oracle is its run's own (out_dir/vqvae_<task>/, no --oracle): a --tiny run's oracle is not a preset run's
+    (its image size would silently become the run's)."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no oracle; train it first: python {task}.py --stage oracle")
     ck = common.load_ckpt(path, f"vqvae_{task}")
+    if task_args is not None and bool(ck["args"].get("tiny")) != task_args.tiny:
+        raise UserError(f"{path}: the oracle of a{' --tiny' if ck['args'].get('tiny') else ' full-size'} run, this "
+                        f"one is{'' if task_args.tiny else ' not'} --tiny: --stage oracle retrains it (or --out_dir)")
     model = VQVAE(ck["config"])
     model.load_state_dict(ck["model"])
     model.fingerprint = hashlib.sha1(ck["model"]["sums"].numpy().tobytes()).hexdigest()[:12]  # in the LM's meta
@@ -281,7 +286,11 @@ def check_lm(config, meta, oracle, path):
 def oracle_args(task_args, task):
     """The oracle stage's flags: --oracle_flags parsed by this file's parser, the task script's SHARED flags, then
     the preset of --data / task (and TINY) for whatever is still unset."""
-    args, unknown = p.parse_known_args(shlex.split(task_args.oracle_flags))
+    try:
+        flags = shlex.split(task_args.oracle_flags)
+    except ValueError as e:  # an unclosed quote
+        raise UserError(f"--oracle_flags {task_args.oracle_flags!r}: {e}")
+    args, unknown = p.parse_known_args(flags)  # a bad value: argparse's one line, under vqvae.py's usage
     if unknown:
         raise UserError(f"--oracle_flags: {' '.join(unknown)}: not a flag of vqvae.py (python vqvae.py --help)")
     if given := [k for k in SHARED if getattr(args, k) != p.get_default(k)]:

@@ -1,0 +1,138 @@
+"""Bad flags and bad input end in one line naming the problem (common.UserError, or argparse's), before any training.
+Run: python -m pytest -q tests/test_cli_errors.py"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import caption
+import colorize
+import common
+import detect
+import vqvae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def refused(monkeypatch, mod, argv, match):
+    """mod.main() on argv stops with a UserError matching `match` (what common.run prints as one line)."""
+    monkeypatch.setattr(sys, "argv", [f"{mod.__name__}.py", *argv])
+    with pytest.raises(common.UserError, match=match):
+        mod.main()
+
+
+@pytest.mark.parametrize("mod,argv,match", [
+    # counts and intervals of 0 divided by zero or trained nothing (then the next stage failed far away)
+    (detect, ["--stage", "mle", "--ckpt_every", "0"], r"--ckpt_every 0: must be > 0"),
+    (detect, ["--stage", "mle", "--log_every", "0"], r"--log_every 0: must be > 0"),
+    (detect, ["--stage", "mle", "--steps", "-5"], r"--steps -5: must be > 0"),
+    (caption, ["--stage", "mle", "--batch_size", "0"], r"--batch_size 0: must be > 0"),
+    (colorize, ["--stage", "eval", "--eval_images", "0"], r"--eval_images 0: must be > 0"),
+    # T = 0 in the reward stage: K identical greedy samples, every advantage 0, nothing learnt
+    (detect, ["--stage", "reward", "--temperature", "0"], r"--temperature 0.0: must be > 0"),
+    # flags of real data without --data: the synthetic world trained silently
+    (detect, ["--stage", "mle", "--data_dir", "/nonexistent"], r"--data_dir needs --data coco"),
+    (caption, ["--stage", "mle", "--karpathy", "/nonexistent.json"], r"--karpathy need --data coco"),
+    (colorize, ["--stage", "mle", "--data_dir", "/nonexistent"], r"--data_dir needs --data folder"),
+    # samplers that would silently emit garbage (top_p 0: the last code every time) or a sharpened nothing
+    (colorize, ["--stage", "eval", "--top_p", "0"], r"--top_p 0.0.*0 < p <= 1"),
+    (colorize, ["--stage", "eval", "--top_p", "1.5"], r"--top_p 1.5.*0 < p <= 1"),
+    (colorize, ["--stage", "eval", "--eval_temperature", "-1"], r"--eval_temperature -1.0"),
+    # every object missed: no box to learn, NaN class weights
+    (detect, ["--stage", "mle", "--missed", "1"], r"--missed 1.0"),
+])
+def test_bad_flags_are_refused_before_any_work(monkeypatch, tmp_path, mod, argv, match):
+    refused(monkeypatch, mod, ["--tiny", "--out_dir", str(tmp_path), *argv], match)
+    assert not any(f.endswith(".pt") for _, _, fs in os.walk(tmp_path) for f in fs)  # nothing was trained
+
+
+def write_instances(root, annotations, split="train2017"):
+    os.makedirs(root / "annotations", exist_ok=True)
+    gt = dict(images=[dict(id=1, file_name="a.png", width=20, height=10)],
+              categories=[dict(id=3, name="square"), dict(id=7, name="circle")], annotations=annotations)
+    with open(root / "annotations" / f"instances_{split}.json", "w") as f:
+        json.dump(gt, f)
+
+
+@pytest.mark.parametrize("ann,match", [
+    (dict(image_id=9, category_id=3, bbox=[0, 0, 4, 4]), r"annotation 1: image_id 9"),
+    (dict(image_id=1, category_id=5, bbox=[0, 0, 4, 4]), r"annotation 1: category_id 5"),
+    (dict(image_id=1, category_id=3, bbox=[0, 0, 4]), r"annotation 1: bbox \[0, 0, 4\]"),
+    (dict(image_id=1, category_id=3, bbox=[0, 0, -4, 4]), r"annotation 1: bbox \[0, 0, -4, 4\]"),
+])
+def test_coco_instances_errors_name_the_annotation_and_field(tmp_path, ann, match):
+    write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5]), ann])  # annotation 0 is fine
+    with pytest.raises(common.UserError, match="instances_train2017.json: " + match):
+        detect.load_coco(str(tmp_path), "train2017")
+    write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5])])
+    items, *_ = detect.load_coco(str(tmp_path), "train2017")  # and the good annotation alone loads
+    assert items[0]["labels"] == [1] and items[0]["boxes"].tolist() == [pytest.approx([0.1, 0.05, 0.6, 0.3])]  # yxyx
+
+
+def test_a_training_split_without_boxes_is_refused():
+    with pytest.raises(common.UserError, match="no \\(non-crowd\\) boxes"):
+        detect.class_weights([dict(labels=[]), dict(labels=[])], 5)
+    assert detect.class_weights([dict(labels=[0]), dict(labels=[1, 1])], 2)[0] > 1  # the rarer class weighs more
+
+
+class BadImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise common.UserError(f"/data/{i}.png: unreadable image (OSError: broken data stream)")
+
+
+def main_with_a_worker():  # the training loaders with --workers 1: the error is raised in another process
+    for _ in torch.utils.data.DataLoader(BadImages(), num_workers=1):
+        pass
+
+
+def main_with_a_file_for_a_folder(path):
+    common.Logger(os.path.join(path, "detect"), True)  # --out_dir names a file: os.makedirs fails
+
+
+@pytest.mark.parametrize("which", ["worker", "oserror"])
+def test_errors_in_workers_and_of_the_os_are_one_line(tmp_path, capsys, which):
+    (tmp_path / "afile").write_text("")
+    main = main_with_a_worker if which == "worker" else lambda: main_with_a_file_for_a_folder(str(tmp_path / "afile"))
+    with pytest.raises(SystemExit) as e:
+        common.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err  # one line, not the worker's traceback
+    assert err == ("error: /data/0.png: unreadable image (OSError: broken data stream)\n" if which == "worker" else
+                   f"error: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'detect'}'\n")
+
+
+def test_an_unclosed_quote_in_oracle_flags_is_one_line():
+    with pytest.raises(common.UserError, match="--oracle_flags \"--steps 'x\": No closing quotation"):
+        vqvae.oracle_args(argparse.Namespace(oracle_flags="--steps 'x"), "colorize")
+    r = subprocess.run([sys.executable, "colorize.py", "--stage", "oracle", "--oracle_flags", "--steps abc"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "usage: vqvae.py" in r.stderr and "invalid int value: 'abc'" in r.stderr
+
+
+@pytest.mark.parametrize("ck_tiny,run_tiny", [(True, False), (False, True)])
+def test_a_tiny_runs_oracle_is_not_a_full_runs(tmp_path, ck_tiny, run_tiny):
+    """Single stages load out_dir/vqvae_<task>/ckpt.pt: a --tiny run's (32 px) used to become a preset run's."""
+    path = str(tmp_path / "ckpt.pt")
+    common.save_ckpt(path, task="vqvae_colorize", model={}, config={}, args=dict(tiny=ck_tiny))
+    with pytest.raises(common.UserError, match=f"ckpt.pt: the oracle of a {'--tiny' if ck_tiny else 'full-size'}"):
+        vqvae.load(path, "colorize", "cpu", argparse.Namespace(tiny=run_tiny))
+    with pytest.raises(KeyError):  # --oracle given (no run flags to match): past the check, to the empty config
+        vqvae.load(path, "colorize", "cpu", None)
+
+
+def test_resume_with_another_vocabulary_is_refused(tmp_path):
+    """caption's --min_count / --max_len shape the vocabulary and sequence: resuming with others crashed in the LM."""
+    args = argparse.Namespace(out_dir=str(tmp_path), resume=True, batch_size=4, micro_batch=0, optimizer="adamw",
+                              wd=0.0, enc_lr_mult=0.1, seed=0, min_count=2, max_len=20)
+    path = tmp_path / "caption" / "mle" / "ckpt.pt"
+    common.save_ckpt(str(path), task="caption", model={}, config={}, meta={}, step=5, optimizer={},
+                     args=dict(vars(args), min_count=3))
+    with pytest.raises(common.UserError, match=r"made with \{'min_count': 3\}; resume with the same flags"):
+        common.stage_setup("caption", "mle", args, {}, {}, "cpu", 1)
