@@ -15,6 +15,7 @@ from PIL import Image
 
 import colorize
 import common
+import vqvae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,13 +39,25 @@ def test_lab_matches_reference_values(rgb, lab):
 
 
 def test_lab_inverts_the_worlds_colours():
-    # the world's colours are sRGB of Lab L*=62, chroma 42 at the HUES angles: converting back finds them
+    # the world's colours are sRGB of Lab L*=62, chroma 42 at the HUES angles: converting back finds them, unless
+    # that Lab colour lies outside the sRGB gamut (a linear channel < 0 or > 1), where the stored colour was clipped
+    to_linear = np.linalg.inv(np.array(colorize.RGB2XYZ))  # XYZ (D65) -> linear sRGB, unclipped
+    clipped = []
     for name, h in common.HUES.items():
-        if name == "teal":  # out of the sRGB gamut at this lightness: clipped, so not invertible
+        a, b = 42 * math.cos(math.radians(h)), 42 * math.sin(math.radians(h))
+        fy = (62 + 16) / 116  # CIE Lab -> XYZ; every f here is > 6/29 (fy +- 42/200 >= 0.46), so XYZ = f^3 x white
+        lin = to_linear @ (np.array([fy + a / 500, fy, fy - b / 200]) ** 3 * np.array(colorize.WHITE))
+        L, a, b = (x[0, 0, 0].item() for x in colorize.srgb_to_lab(img(common.COLORS[name])))
+        if ((lin >= 0) & (lin <= 1)).all():
+            assert abs(L - 62) < 0.1 and abs(math.hypot(a, b) - 42) < 0.2
+            assert abs(math.degrees(math.atan2(b, a)) % 360 - h) < 0.3
             continue
-        L, a, b = colorize.srgb_to_lab(img(common.COLORS[name]))
-        assert abs(L[0, 0, 0] - 62) < 0.1 and abs(math.hypot(a[0, 0, 0], b[0, 0, 0]) - 42) < 0.2
-        assert abs(math.degrees(math.atan2(b[0, 0, 0], a[0, 0, 0])) % 360 - h) < 0.3
+        clipped.append(name)
+        # out of gamut: the negative channel was stored as 0, i.e. red light was added to the nominal colour. Red
+        # has luminance (Y weight 0.21 > 0), so L* rises, and red's hue (40 deg) faces teal's (195 deg, 155 apart),
+        # so the chroma falls: converting back misses the check above on both counts, which is why it is exempt
+        assert (common.COLORS[name][lin < 0] == 0).all() and L > 62 + 0.1 and math.hypot(a, b) < 42 - 0.2
+    assert clipped == ["teal"]  # only teal is exempt: every other colour went through the full check
 
 
 def test_gray_keeps_lightness_and_hides_hue():
@@ -245,8 +258,10 @@ def test_folder_loads_recursively_skips_corrupt_files(tmp_path, capsys):
     for i in range(len(ds)):
         _, gray, rgb = ds[i]
         assert gray.shape == rgb.shape == (3, 16, 16) and -1 <= rgb.min() and rgb.max() <= 1
-        if ds.items[i]["id"].endswith("gray.png"):  # a grayscale photo: its colours are its gray
-            assert (rgb[0] - rgb[1]).abs().max() < 1e-6 and (gray - rgb).abs().max() < 0.02
+    at = [i for i, it in enumerate(ds.items) if it["id"] == os.path.join("sub", "gray.png")]
+    assert len(at) == 1
+    _, gray, rgb = ds[at[0]]  # a grayscale photo: its colours are its gray
+    assert (rgb[0] - rgb[1]).abs().max() < 1e-6 and (gray - rgb).abs().max() < 0.02
 
 
 def run(*a, timeout=900):
@@ -257,16 +272,37 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
     out = str(tmp_path / "out")
     p = run("colorize.py", "--tiny", "--stage", "mle", "--out_dir", out)
     assert p.returncode == 2 and "no oracle" in p.stderr and "colorize.py --stage oracle" in p.stderr
-    p = run("colorize.py", "--tiny", "--out_dir", out)  # one command: the oracle (stage I) first, then stage II
+    # one command: the oracle (stage I) first, then stage II (a log line every step: step 1 is compared below)
+    p = run("colorize.py", "--tiny", "--out_dir", out, "--log_every", "1")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "oracle on 16 held-out images: PSNR" in p.stdout
     res = json.load(open(tmp_path / "out" / "vqvae_colorize" / "eval.json"))
-    assert list(res) == ["psnr", "colorfulness", "truth_colorfulness", "codes_used"] and 0 < res["codes_used"] <= 64
+    assert list(res) == ["psnr", "colorfulness", "truth_colorfulness", "codes_used"]
+    # the report is the saved oracle's on the first 16 held-out scenes (vqvae.TINY): encode them again, count the
+    # codes and score the reconstructions
+    oracle = vqvae.load(str(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt"), "colorize", "cpu")
+    S, n = vqvae.TINY["image_size"], vqvae.TINY["eval_images"]
+    held = colorize.Photos(colorize.load_synthetic("val", n, S, 0), S)
+    gray, rgb = (torch.stack([held[i][j] for i in range(n)]) for j in (1, 2))
+    codes = vqvae.encode(oracle, rgb, gray)
+    assert codes.unique().numel() == res["codes_used"]
+    rec = (vqvae.decode(oracle, codes, gray).clamp(-1, 1) + 1) / 2
+    assert colorize.psnr(rec, (rgb + 1) / 2).mean().item() == pytest.approx(res["psnr"], rel=1e-5)
     m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
     assert list(m) == ["truth", "oracle", "mle", "mle_cont", "reward"]
     assert m["reward"]["steps"] == "30+10" and m["mle_cont"]["steps"] == "30+10" and m["truth"]["psnr"] > 90
-    assert m["truth"]["coherence"] > 0.9 and all(0 < r["coherence"] <= 1 for r in m.values())  # every row has one
-    assert m["truth"]["distinct"] > 0.7 and all(0 <= r["distinct"] <= 1 for r in m.values())
+    assert m["truth"]["coherence"] > 0.9 and m["truth"]["distinct"] > 0.7
+    assert all(r["coherence"] is not None and r["distinct"] is not None for r in m.values())  # (photos: None)
+    # the truth row, recomputed from the data: the first 8 held-out scenes (colorize.TINY) as drawn, each with its
+    # own panoptic map and thing ids (a map paired with another scene, or a row of other images, scores otherwise)
+    scenes = colorize.load_synthetic("val", colorize.TINY["eval_images"], S, 0)
+    truth = torch.tensor(np.stack([s["image"] for s in scenes])).permute(0, 3, 1, 2) / 255
+    seg = torch.tensor(np.stack([s["panoptic"] for s in scenes]))
+    things = torch.zeros(len(scenes), max(len(s["things"]) for s in scenes), dtype=torch.long)  # 0 pads
+    for i, s in enumerate(scenes):
+        things[i, :len(s["things"])] = torch.tensor(s["things"])
+    assert colorize.coherence(truth, seg).mean().item() == pytest.approx(m["truth"]["coherence"], abs=1e-6)
+    assert colorize.distinct(truth, seg, things).nanmean().item() == pytest.approx(m["truth"]["distinct"], abs=1e-6)
     assert "| coherence | objects distinct |" in p.stdout
     assert len(os.listdir(tmp_path / "out" / "colorize" / "eval" / "reward")) == 8
     assert Image.open(tmp_path / "out" / "colorize" / "eval" / "grid.png").size[1] > 8 * 32
@@ -274,6 +310,26 @@ def test_tiny_runs_every_stage_and_bad_dirs_fail_cleanly(tmp_path):
         assert run("colorize.py", "--tiny", "--stage", "eval", "--out_dir", out, *flags).returncode == 0
         return json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))["mle"]
     assert mle_eval("--top_p", "1e-6") == mle_eval("--eval_temperature", "0") != m["mle"]
+    # --top_p reaches the reward stage's sampler too: a nucleus of one code makes each of the K samples the greedy
+    # colouring, so the K rewards are equal and every advantage (a reward - the mean of the other K - 1) is 0. The
+    # control is the run above at its step 1: the same start, batch and noise, top_p 0.9 (the preset)
+    lines = lambda d: [json.loads(x) for x in open(tmp_path / d / "log.jsonl")]  # noqa: E731
+    control = [r for r in lines("out/colorize/reward") if "adv_std" in r]
+    start = ["--tiny", "--stage", "reward", "--init", str(tmp_path / "out" / "colorize" / "mle" / "ckpt.pt"),
+             "--oracle", str(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt"), "--log_every", "1"]
+    p = run("colorize.py", *start, "--steps", "2", "--top_p", "1e-6", "--out_dir", str(tmp_path / "top_p"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    greedy = [r for r in lines("top_p/colorize/reward") if "adv_std" in r]
+    assert [r["step"] for r in greedy] == [1, 2] and all(r["adv_std"] == 0 for r in greedy)
+    assert control[0]["step"] == 1 and control[0]["adv_std"] > 0  # top_p 0.9: the K samples differ
+    # --reward vivid_coherent from the same start: at step 1 the same samples as the control, so their colorfulness
+    # is the control's reward; the agreement (< 1: some flat pairs one code apart differ in colour) scales it down by
+    # more than the log's rounding (5 decimals)
+    p = run("colorize.py", *start, "--steps", "1", "--reward", "vivid_coherent", "--out_dir", str(tmp_path / "vc"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    vc = [r for r in lines("vc/colorize/reward_vivid_coherent") if "agreement" in r]
+    assert vc[0]["step"] == 1 and vc[0]["colorfulness"] == pytest.approx(control[0]["reward"], abs=2e-5)
+    assert vc[0]["agreement"] < 1 and vc[0]["reward"] < vc[0]["colorfulness"] - 1e-4
     ck = torch.load(tmp_path / "out" / "vqvae_colorize" / "ckpt.pt", weights_only=True)
     ck["model"]["sums"][0] += 1  # an oracle retrained since decodes the LMs' codes into other colours: refused
     torch.save(ck, tmp_path / "other.pt")
@@ -298,7 +354,10 @@ def test_tiny_on_a_folder_of_photos_trains_the_oracle_and_the_tiny_model(tmp_pat
     p = run("colorize.py", "--stage", "reward", "--steps", "1", "--reward", "vivid_coherent", *data)  # gray reaches it
     assert p.returncode == 0, p.stderr[-2000:]
     log = [json.loads(x) for x in open(tmp_path / "out" / "colorize" / "reward_vivid_coherent" / "log.jsonl")]
-    assert 0 <= log[0]["agreement"] <= 1 and log[0]["reward"] <= log[0]["colorfulness"] + 1e-6
+    # only vivid_coherent logs its two factors (reward_colorfulness: vivid, hue_entropy): that reward ran. Its
+    # agreement term is tested on the synthetic world (test_tiny_runs_every_stage): this 10-step oracle paints
+    # noise photos nearly gray, where every pair agrees (agreement 1, reward = colorfulness)
+    assert {"agreement", "colorfulness"} <= set(log[0])
     p = run("colorize.py", "--stage", "eval", *data)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.load(open(tmp_path / "out" / "colorize" / "eval" / "metrics.json"))
