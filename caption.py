@@ -213,7 +213,7 @@ def load_coco(args, split):
         raise UserError(f"--data_dir {args.data_dir}: no such directory")
     path = args.karpathy or os.path.join(args.data_dir, "annotations", f"captions_{split}.json")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: missing (expected the COCO layout annotations/captions_<split>.json)")
+        raise UserError(f"{path}: missing" + ("" if args.karpathy else " (COCO's annotations/captions_<split>.json)"))
     try:
         with open(path) as f:
             d = json.load(f)
@@ -228,7 +228,7 @@ def load_coco(args, split):
                 by_id[a["image_id"]]["refs"].append(str(a["caption"]))
             items = list(by_id.values())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: malformed COCO captions file ({type(e).__name__}: {str(e)[:80]})")
+        raise UserError(f"{path}: malformed captions json ({type(e).__name__}: {str(e)[:80]})")  # COCO's or Karpathy's
     items = [it for it in items if it["refs"]]
     if not items:
         raise UserError(f"{path}: no captioned images in split '{split}'")

@@ -30,7 +30,7 @@ def run(main):
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        print("interrupted: checkpoints written so far are intact; --resume continues from the last", file=sys.stderr)
         sys.exit(130)
     finally:  # also after --stop_at's SystemExit: every exit path releases the process group
         if dist.is_initialized():
@@ -353,7 +353,7 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:100]})")
 
 def load_ckpt(path, task):
     ck = torch_load(path)
@@ -523,7 +523,7 @@ def readable(items, what):
             return False
     ok = [it for it in items if all(decodes(it[k], it.get("size")) for k in ("file", "png") if k in it)]
     if bad := len(items) - len(ok):  # not fatal in big data
-        print0(f"warning: {what}: skipped {bad} of {len(items)} images: unreadable, or not of the json's size")
+        print0(f"warning: {what}: skipped {bad} of {len(items)} images: unreadable, or not of their annotated size")
     if not ok:
         raise UserError(f"{what}: no readable images")
     return ok
