@@ -341,3 +341,28 @@ def test_reward_stage_resumes_exactly(tmp_path):
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-4  # the stage really trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_reward_document_frequencies_come_from_every_training_reference(tmp_path, monkeypatch):
+    """The reward's CIDEr-D counts document frequencies over the training split's references (the paper's training-set
+    statistics): built once, from every training scene's five references, not the held-out ones or the batch's."""
+    built = []
+
+    class Spy(caption.CiderD):
+        def __init__(self, refs, vocab_size):
+            built.append(refs)
+            super().__init__(refs, vocab_size)
+
+    monkeypatch.setattr(caption, "CiderD", Spy)
+    for flags in (["--stage", "mle", "--steps", "2"], ["--stage", "reward", "--steps", "1"]):
+        built.clear()
+        monkeypatch.setattr(sys, "argv", ["caption.py", "--tiny", "--out_dir", str(tmp_path), *flags])
+        caption.main()
+    refs = built[0]  # the reward stage's scorer, made before its first eval (which scores held-out references)
+    ck = torch.load(tmp_path / "caption" / "reward" / "ckpt.pt", weights_only=True)
+    stoi = {w: i for i, w in enumerate(ck["meta"]["itos"])}
+    train = caption.load_synthetic("train", caption.TINY["num_train"], caption.TINY["image_size"], 0)
+    assert len(refs) == caption.TINY["num_train"] and all(len(r) == 5 for r in refs)
+    for i in (0, len(train) - 1):  # scene i's references as token ids up to their end token
+        want = [[stoi.get(w, caption.UNK) for w in caption.tokenize(x)][:20] + [caption.EOS] for x in train[i]["refs"]]
+        assert [list(t) for t in refs[i]] == want, i
