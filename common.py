@@ -22,12 +22,12 @@ from tqdm import tqdm
 class UserError(Exception):
     """Bad input (path, file, flag, checkpoint): printed as one line, exit code 2."""
 
-def run(main):
-    """main(); a UserError or OSError -> one line, exit 2 (a DataLoader worker's: its message's last line)."""
+def run(main):  # main(); a UserError or OSError -> one line, exit 2 (a DataLoader worker's: its message's last line)
     try:
         main()
     except (UserError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('common.UserError: ')}", file=sys.stderr)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1].removeprefix("common.UserError: ")
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: checkpoints written so far are intact; --resume continues from the last", file=sys.stderr)
@@ -59,12 +59,10 @@ def ddp_end_stage():  # end of a stage: all ranks meet; the group lives until ru
 def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is slow and not what we test)
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
 
-def replica_checksums(model):
-    """Sum of all weights on every rank (a list, one per rank): equal when DDP kept replicas in sync."""
+def replica_checksums(model):  # sum of all weights, one per rank: equal when DDP kept the replicas in sync
     s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    out = [s]
+    out = [torch.zeros_like(s) for _ in range(dist.get_world_size())] if dist.is_initialized() else [s]
     if dist.is_initialized():
-        out = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
         dist.all_gather(out, s)
     return [float(x) for x in out]
 
@@ -279,8 +277,7 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
             break
     return tokens[:, 1:].view(B, k, seq_len), logps.view(B, k, seq_len)
 
-def until_end(tokens, end_token):
-    """(..., L) bool: positions up to and including the first end_token (ending is an action too)."""
+def until_end(tokens, end_token):  # (..., L) bool: up to and including the first end_token (ending is an action too)
     is_end = (tokens == end_token).long()
     return (is_end.cumsum(-1) - is_end) == 0
 
@@ -399,9 +396,15 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 
+def check_positive(args):  # counts, intervals, the reward's T: 0 divides by zero or trains nothing (None: preset)
+    if bad := [f"--{k} {v}" for k, v in vars(args).items() if k in ("steps", "batch_size", "samples", "ckpt_every",
+               "log_every", "eval_images", "temperature", "max_boxes", "max_len") and v is not None and v <= 0]:
+        raise UserError(f"{', '.join(bad)}: must be > 0")
+
 def stage_flags(args, preset, stage, given, task, rewards):
     """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule;
     mle_cont (the fair control) copies the reward stage's. A --reward not first in rewards writes reward_<name>/."""
+    check_positive(args)
     args.reward_dir = "reward" if args.reward == next(iter(rewards)) else f"reward_{args.reward}"
     if stage == "mle_cont":
         path = os.path.join(args.out_dir, task, args.reward_dir, "ckpt.pt")  # missing: one line, run that stage first
@@ -415,9 +418,6 @@ def stage_flags(args, preset, stage, given, task, rewards):
     kind = {"reward": "reward", "encoder": "enc"}.get(stage, "mle")
     vars(args).update({k: preset.get(f"{kind}_{k}") if v is None else v for k, v in given.items()},
                       schedule="constant" if stage == "reward" else "cosine")
-    if bad := [f"--{k} {v}" for k, v in vars(args).items() if k in ("steps", "batch_size", "samples", "ckpt_every",
-               "log_every", "eval_images", "temperature", "max_boxes", "max_len") and v is not None and v <= 0]:
-        raise UserError(f"{', '.join(bad)}: must be > 0 (0 would divide by zero or train nothing)")
     if stage == "reward" and args.baseline == "none" and args.temperature != 1:  # README: REINFORCE at T != 1
         raise UserError(f"--baseline none with --temperature {args.temperature}: the gradient of the untempered "
                         "log p is then biased towards the tempered policy whatever the reward; use a baseline or T 1")

@@ -44,6 +44,10 @@ def refused(monkeypatch, mod, argv, match):
     (colorize, ["--stage", "eval", "--eval_temperature", "-1"], r"--eval_temperature -1.0"),
     # every object missed: no box to learn, NaN class weights
     (detect, ["--stage", "mle", "--missed", "1"], r"--missed 1.0"),
+    # before stage I trains (the oracle stage comes before the others' flags are read), the control, the oracle's own
+    (colorize, ["--stage", "all", "--samples", "0"], r"--samples 0: must be > 0"),
+    (detect, ["--stage", "mle_cont", "--ckpt_every", "0"], r"--ckpt_every 0: must be > 0"),
+    (colorize, ["--stage", "oracle", "--oracle_flags", "--log_every 0"], r"--log_every 0: must be > 0"),
 ])
 def test_bad_flags_are_refused_before_any_work(monkeypatch, tmp_path, mod, argv, match):
     refused(monkeypatch, mod, ["--tiny", "--out_dir", str(tmp_path), *argv], match)
@@ -96,16 +100,22 @@ def main_with_a_file_for_a_folder(path):
     common.Logger(os.path.join(path, "detect"), True)  # --out_dir names a file: os.makedirs fails
 
 
-@pytest.mark.parametrize("which", ["worker", "oserror"])
+def main_with_a_bare_os_error():
+    raise TimeoutError()  # no message at all
+
+
+@pytest.mark.parametrize("which", ["worker", "oserror", "bare"])
 def test_errors_in_workers_and_of_the_os_are_one_line(tmp_path, capsys, which):
     (tmp_path / "afile").write_text("")
-    main = main_with_a_worker if which == "worker" else lambda: main_with_a_file_for_a_folder(str(tmp_path / "afile"))
+    main = {"worker": main_with_a_worker, "bare": main_with_a_bare_os_error,
+            "oserror": lambda: main_with_a_file_for_a_folder(str(tmp_path / "afile"))}[which]
     with pytest.raises(SystemExit) as e:
         common.run(main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err  # one line, not the worker's traceback
-    assert err == ("error: /data/0.png: unreadable image (OSError: broken data stream)\n" if which == "worker" else
-                   f"error: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'detect'}'\n")
+    assert err == {"worker": "error: /data/0.png: unreadable image (OSError: broken data stream)\n",
+                   "oserror": f"error: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'detect'}'\n",
+                   "bare": "error: TimeoutError\n"}[which]
 
 
 def test_an_unclosed_quote_in_oracle_flags_is_one_line():
