@@ -68,6 +68,9 @@ def test_gray_keeps_lightness_and_hides_hue():
     assert (g - g[0]).abs().max() < 1e-3  # every hue gives the same gray
     gray = img((0.3, 0.3, 0.3))
     torch.testing.assert_close(colorize.to_gray(gray), gray)  # gray stays gray
+    teal = img(common.COLORS["teal"])  # left out above: clipped into sRGB (red 0), its L* is not 62; it keeps its own
+    L, a, b = colorize.srgb_to_lab(colorize.to_gray(teal))
+    assert (L - colorize.srgb_to_lab(teal)[0]).abs().max() < 0.1 and a.abs().max() < 1e-3 and b.abs().max() < 1e-3
 
 
 def test_colorfulness_constructed_images():
