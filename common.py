@@ -548,7 +548,7 @@ STUFF_RGB = {"sky": (0.55, 0.75, 0.95), "wall": (0.62, 0.58, 0.55), "grass": (0.
              "water": (0.20, 0.35, 0.60), "sand": (0.85, 0.78, 0.55)}
 
 def _shape_mask(kind, yy, xx, cy, cx, r):
-    dy, dx, d = yy - cy, xx - cx, np.hypot(yy - cy, xx - cx)
+    d = np.sqrt((dy := yy - cy) ** 2 + (dx := xx - cx) ** 2)  # the same arithmetic as ever: the world is unchanged
     if kind == "square":
         return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
     if kind == "circle":
