@@ -193,13 +193,14 @@ def load_coco(data_dir, split):
             gt = json.load(f)
         cats, names = sorted(c["id"] for c in gt["categories"]), [c["name"] for c in sorted(
             gt["categories"], key=lambda c: c["id"])]
+        label = {c: i for i, c in enumerate(cats)}  # category id -> class index (a dict: COCO has ~860k annotations)
         items = {im["id"]: dict(id=im["id"], file=os.path.join(data_dir, split, im["file_name"]), w=im["width"],
                                 h=im["height"], size=(im["width"], im["height"]), labels=[], boxes=[])
                  for im in gt["images"]}
         if len(items) < len(gt["images"]):
             raise UserError(f"{path}: {len(gt['images']) - len(items)} images repeat another image's id")
         for k, a in enumerate(gt["annotations"]):  # name the field: filtered subsets keep stray annotations
-            if bad := [n for n, ok in [("image_id", a["image_id"] in items), ("category_id", a["category_id"] in cats),
+            if bad := [n for n, ok in [("image_id", a["image_id"] in items), ("category_id", a["category_id"] in label),
                                        ("bbox", len(a["bbox"]) == 4 and min(a["bbox"][2:]) >= 0)] if not ok]:
                 raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]} (not in the file, or not [x, y, w, h])")
         # COCOeval keys ground truth by annotation id (merged exports repeat them) and reads iscrowd and area
@@ -209,7 +210,7 @@ def load_coco(data_dir, split):
             if a.get("iscrowd", 0):
                 continue
             it, (x, y, w, h) = items[a["image_id"]], a["bbox"]
-            it["labels"].append(cats.index(a["category_id"]))
+            it["labels"].append(label[a["category_id"]])
             it["boxes"].append([y / it["h"], x / it["w"], (y + h) / it["h"], (x + w) / it["w"]])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: malformed COCO instances file ({type(e).__name__}: {str(e)[:80]})")
