@@ -46,7 +46,7 @@ TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, batch_size=8, ml
             eval_images=16, num_train=128, num_val=16, mle_warmup=5, reward_warmup=2, samples=4, enc_steps=10,
             enc_warmup=2)  # any --data
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
 p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
                     "ViT); mle: pretrain; reward: tune from out/caption/mle; mle_cont: the fair control, MLE from the "

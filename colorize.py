@@ -57,7 +57,7 @@ TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, rew
 # --tiny with any --data: the tiny model too (the folder preset's is B/16); its image size is the oracle's, always
 # (vqvae.TINY: 32 px, so 4 x 4 patches of 8)
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
 p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these images (out/vqvae_colorize/); encoder: the ViT "
                     "learns the synthetic world's pixel classes from the gray image (a stand-in for a pretrained ViT); "
@@ -191,6 +191,8 @@ def load_folder(args):
         raise UserError(f"--data_dir {args.data_dir}: no {'/'.join(IMAGE_EXT)} files")
     items = common.readable([dict(id=os.path.relpath(f, args.data_dir), file=f) for f in files], args.data_dir)
     order = np.random.default_rng(0).permutation(len(items))
+    if len(items) == 1:  # nothing to hold out: a smoke test, not a measurement
+        common.print0(f"warning: --data_dir {args.data_dir}: one readable image, used for training and held out")
     n_val = max(1, min(args.num_val, len(items) // 10)) if len(items) > 1 else 0
     return [items[i] for i in order[n_val:]] or items, [items[i] for i in order[:n_val]] or items
 

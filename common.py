@@ -1,5 +1,6 @@
 """rewardtune's shared core: errors, DDP, device | logging | ViT encoder, decoder with cross-attention | sampling with
 a KV cache | mle_loss, reinforce_loss (paper Algorithms 1, 2) | optimizer | checkpoints | data | synthetic world."""
+import argparse
 import functools
 import hashlib
 import json
@@ -21,6 +22,10 @@ from tqdm import tqdm
 # ---- errors, DDP, device ---------------------------------------------------------------------------------------------
 class UserError(Exception):
     """Bad input (path, file, flag, checkpoint): printed as one line, exit code 2."""
+
+class Help(argparse.RawDescriptionHelpFormatter):  # --help shows each fixed default; "(preset)" ones: PRESETS
+    def _get_help_string(self, a):  # not shown: None (the preset's), "", switches and -h (nargs 0)
+        return a.help + (" (default: %(default)s)" if a.nargs != 0 and a.default not in (None, "") else "")
 
 def run(main):  # main(); a UserError or OSError -> one line, exit 2 (a DataLoader worker's: its message's last line)
     try:
@@ -233,8 +238,7 @@ def init_encoder(raw, args, task):
 
 # ---- sampling: encoder once, cross-attention K/V once, self-attention KV cache ---------------------------------------
 def example_noise(seed, step, index, k, length):
-    """Uniform noise (B, K, L) for inverse-CDF sampling, a function of (seed, step, global example
-    index) only: 1 process and N processes draw the same samples for the same example."""
+    """(B, K, L) uniform noise for inverse-CDF sampling from (seed, step, global example index): any world size alike"""
     return torch.stack([torch.rand(k, length, generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, step, int(i)]).generate_state(1)[0]))) for i in index])
 
@@ -346,7 +350,7 @@ def save_ckpt(path, **obj):  # atomic: a kill mid-write leaves the previous chec
 
 def torch_load(path):
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file" + (" (--stage mle writes it)" * path.endswith(f"mle{os.sep}ckpt.pt")))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -426,7 +430,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
     eval and saving; the wrapped one for the forward with grad."""
     path = os.path.join(args.out_dir, task, args.reward_dir if stage == "reward" else stage, "ckpt.pt")
-    start, opt_state, b = 0, None, args.batch_size // world
+    start, opt_state, b, init = 0, None, args.batch_size // world, os.path.join(args.out_dir, task, "mle", "ckpt.pt")
     if args.micro_batch and b % args.micro_batch:  # unequal parts would weigh their examples unequally
         raise UserError(f"--micro_batch {args.micro_batch} does not divide the per-process batch {b}")
     if args.resume and os.path.exists(path):
@@ -439,7 +443,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         print0(f"resuming {path} at step {start}")
     elif init_state is not None:  # which checkpoint this stage tuned: eval pairs reward and mle_cont by it
         meta = dict(meta, start=fingerprint(init_state))
-    raw = build_model(cfg, device, init_state, path if start else args.init or f"{stage}'s start", args.image_size)
+    raw = build_model(cfg, device, init_state, path if start else args.init or init, args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -478,22 +482,19 @@ def train_step(model, opt, args, micro_losses, world):
     return stats
 
 # ---- data: the order is a function of (seed, step) only (runs resume exactly, any world size); readable files --------
-def step_indices(n, global_batch, seed, step):
-    """Global batch of dataset indices for a step (with replacement across steps)."""
-    return torch.randint(n, (global_batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-
 class StepSampler:
-    """DataLoader batch_sampler: this rank's contiguous slice of every step's global batch, for
-    steps start..steps-1. Example j of rank r sits at global position r * (batch / world) + j."""
+    """DataLoader batch_sampler: this rank's contiguous slice of every step's global batch of dataset indices (drawn
+    with replacement), for steps start..steps-1. Example j of rank r sits at global position r * (batch / world) + j."""
     def __init__(self, n, global_batch, seed, start, steps, rank, world):
         if global_batch % world:
             raise UserError(f"--batch_size {global_batch} is not divisible by {world} processes")
-        self.args, self.range = (n, global_batch, seed), range(start, steps)
+        self.n, self.batch, self.seed, self.range = n, global_batch, seed, range(start, steps)
         self.slice = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
 
     def __iter__(self):
         for step in self.range:
-            yield step_indices(*self.args, step)[self.slice].tolist()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            yield torch.randint(self.n, (self.batch,), generator=g)[self.slice].tolist()
 
 def open_rgb(item):
     """An item's image as a PIL RGB image: the synthetic world's array, or its file (a bad file is one line)."""
@@ -560,9 +561,8 @@ def _shape_mask(kind, yy, xx, cy, cx, r):
     return (d <= r) & (d >= r * 0.55)  # ring
 
 def make_scene(rng, size, max_things=6, radius=(0.1, 0.25)):
-    """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based
-    index into THINGS), colour, mask; panoptic map (H, W) of segment ids (0 = void) with its
-    segments; stuff names."""
+    """One scene: image (H, W, 3) uint8; things with box [x0, y0, x1, y1] (pixels), label (0-based index into THINGS),
+    colour, mask; panoptic map (H, W) of segment ids (0 = void) with its segments; stuff names."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     top, bottom = rng.choice(STUFF[:2]), rng.choice(STUFF[2:])
     horizon = size * rng.uniform(0.3, 0.6) + size * 0.06 * np.sin(xx / size * rng.uniform(2, 6) + rng.uniform(0, 6))

@@ -47,7 +47,7 @@ TINY = dict(model="tiny", patch=8, dec_layers=2, image_size=32, max_boxes=8, bat
             enc_warmup=2)
 # --tiny with any --data: the tiny model and resolution too (on COCO the preset's B/16 at 1280 px is 6 s a step)
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
 p.add_argument("--stage", default="all", choices=["encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="encoder: pretrain the ViT on the synthetic world's pixel classes (our stand-in for a pretrained "
                     "ViT); mle: pretrain; reward: tune from out/detect/mle; mle_cont: the fair control, MLE from the "

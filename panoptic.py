@@ -47,7 +47,7 @@ TINY = dict(model="tiny", patch=8, dec_layers=2, batch_size=8, mle_steps=30, rew
             num_train=64, num_val=8, mle_warmup=5, samples=2, enc_steps=10, enc_warmup=2)
 # --tiny, any --data: the tiny model too (COCO's L/16: ~2 min a step); image size: the oracle's (vqvae.TINY: 32 px)
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
 p.add_argument("--stage", default="all", choices=["oracle", "encoder", "mle", "reward", "mle_cont", "eval", "all"],
                help="oracle: UViM's stage I, vqvae.py's VQ-VAE on these scenes (out/vqvae_panoptic/); encoder: "
                     "the ViT learns the synthetic world's pixel classes (a stand-in for a pretrained ViT); mle: "

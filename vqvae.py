@@ -66,7 +66,7 @@ TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, bat
 # flags the task scripts share with their oracle stage; every other flag comes through their --oracle_flags
 SHARED = ("data", "data_dir", "train_split", "val_split", "out_dir", "seed", "resume", "tiny", "workers", "compile")
 
-p = argparse.ArgumentParser("vqvae.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser("vqvae.py", description=__doc__, formatter_class=common.Help)
 p.add_argument("--task", default="panoptic", choices=["panoptic", "colorize"],
                help="what the codes encode; this command runs `python <task>.py --stage oracle` with these flags")
 p.add_argument("--data", default="synthetic", choices=["synthetic", "folder", "coco"],

@@ -13,6 +13,7 @@ import caption
 import colorize
 import common
 import detect
+import panoptic
 import vqvae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,3 +147,35 @@ def test_resume_with_another_vocabulary_is_refused(tmp_path):
                      args=dict(vars(args), min_count=3))
     with pytest.raises(common.UserError, match=r"made with \{'min_count': 3\}; resume with the same flags"):
         common.stage_setup("caption", "mle", args, {}, {}, "cpu", 1)
+
+
+def help_of(parser, flag):  # the --help text of one flag, whitespace folded (argparse wraps it)
+    text = parser.format_help().split(f"\n  {flag} ", 1)[1]
+    return " ".join(text.split("\n  -", 1)[0].split())
+
+
+@pytest.mark.parametrize("mod", [detect, caption, colorize, panoptic, vqvae])
+def test_help_shows_fixed_defaults_and_not_the_presets_none(mod):
+    fixed = {a.dest: a.default for a in mod.p._actions if a.nargs != 0 and a.default not in (None, "")}
+    assert len(fixed) >= 10  # seed, log_every, ckpt_every, out_dir, ...
+    for dest, default in fixed.items():
+        assert help_of(mod.p, f"--{dest}").endswith(f"(default: {default})"), dest
+    for flag in ["--lr", "--resume"]:  # the preset's (None), a switch
+        assert "(default:" not in help_of(mod.p, flag), flag
+
+
+@pytest.mark.parametrize("mod", [detect, caption, colorize, panoptic])
+def test_a_reward_stage_before_mle_says_which_stage_writes_its_start(monkeypatch, tmp_path, mod):
+    path = os.path.join(str(tmp_path), mod.__name__, "mle", "ckpt.pt")
+    refused(monkeypatch, mod, ["--tiny", "--out_dir", str(tmp_path), "--stage", "reward"],
+            f"^{path}: no such file \\(--stage mle writes it\\)$")
+    with pytest.raises(common.UserError, match=r"x\.pt: no such file$"):  # any other file: no hint
+        common.torch_load(str(tmp_path / "x.pt"))
+
+
+def test_a_start_of_another_image_size_names_its_checkpoint(tmp_path):
+    args = argparse.Namespace(out_dir=str(tmp_path), resume=False, batch_size=4, micro_batch=0, init="", image_size=64,
+                              reward_dir="reward")
+    cfg = common.model_config("tiny", 32, 10, 4, 0, 1, 8)
+    with pytest.raises(common.UserError, match=f"^{tmp_path / 'caption' / 'mle' / 'ckpt.pt'}: a model of 32 px images"):
+        common.stage_setup("caption", "reward", args, cfg, {}, "cpu", 1, init_state={})

@@ -267,6 +267,15 @@ def test_folder_loads_recursively_skips_corrupt_files(tmp_path, capsys):
     assert (rgb[0] - rgb[1]).abs().max() < 1e-6 and (gray - rgb).abs().max() < 0.02
 
 
+def test_a_folder_of_one_image_warns_that_it_is_also_the_held_out_set(tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "only.png")
+    tr, va = colorize.load_data(argparse.Namespace(data="folder", data_dir=str(tmp_path), num_val=100))
+    assert tr == va and len(tr) == 1 and "one readable image, used for training and held out" in capsys.readouterr().out
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "second.png")
+    tr, va = colorize.load_data(argparse.Namespace(data="folder", data_dir=str(tmp_path), num_val=100))
+    assert len(tr) == len(va) == 1 and tr != va and "warning" not in capsys.readouterr().out  # two: one held out
+
+
 def run(*a, timeout=900):
     return subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
