@@ -440,7 +440,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
             ("samples", "baseline", "grad_on", "temperature", "reward") if stage.startswith("reward") else ())
         if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
             raise UserError(f"{path}: made with {diff}; resume with the same flags")
-        print0(f"resuming {path} at step {start}")
+        print0(f"resuming {path} at step {start}" + " (finished; --stage eval evaluates it)" * (start >= args.steps))
     elif init_state is not None:  # which checkpoint this stage tuned: eval pairs reward and mle_cont by it
         meta = dict(meta, start=fingerprint(init_state))
     raw = build_model(cfg, device, init_state, path if start else args.init or init, args.image_size)

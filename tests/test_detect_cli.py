@@ -231,8 +231,10 @@ def test_ctrl_c_exits_130_in_one_line_and_the_checkpoint_resumes(tmp_path):
     assert step >= 2 and step % 2 == 0  # the last periodic checkpoint, whole
     common.build_model(ck["config"], "cpu", ck["model"])  # its weights fit the model it names
     p = run("--tiny", "--stage", "mle", "--steps", step + 1, "--out_dir", tmp_path, "--resume")
-    assert f"resuming {ckpt} at step {step}" in p.stdout
+    assert f"resuming {ckpt} at step {step}" in p.stdout and "finished" not in p.stdout
     assert torch.load(ckpt, weights_only=True)["step"] == step + 1
+    p = run("--tiny", "--stage", "mle", "--steps", step + 1, "--out_dir", tmp_path, "--resume")  # done: says so
+    assert f"resuming {ckpt} at step {step + 1} (finished; --stage eval evaluates it)" in p.stdout
 
 
 def test_a_second_reward_gets_its_own_dir_control_and_eval_row(tiny, tmp_path):
