@@ -350,7 +350,7 @@ def save_ckpt(path, **obj):  # atomic: a kill mid-write leaves the previous chec
 
 def torch_load(path):
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file" + (" (--stage mle writes it)" * path.endswith(f"mle{os.sep}ckpt.pt")))
+        raise UserError(f"{path}: no such file" + " (run --stage mle)" * path.endswith(f"{os.sep}mle{os.sep}ckpt.pt"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -3,6 +3,7 @@ Run: python -m pytest -q tests/test_cli_errors.py"""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -160,7 +161,7 @@ def test_help_shows_fixed_defaults_and_not_the_presets_none(mod):
     assert len(fixed) >= 10  # seed, log_every, ckpt_every, out_dir, ...
     for dest, default in fixed.items():
         assert help_of(mod.p, f"--{dest}").endswith(f"(default: {default})"), dest
-    for flag in ["--lr", "--resume"]:  # the preset's (None), a switch
+    for flag in ["--lr", "--resume", "--data_dir"]:  # the preset's (None), a switch, "" (nothing given)
         assert "(default:" not in help_of(mod.p, flag), flag
 
 
@@ -168,14 +169,16 @@ def test_help_shows_fixed_defaults_and_not_the_presets_none(mod):
 def test_a_reward_stage_before_mle_says_which_stage_writes_its_start(monkeypatch, tmp_path, mod):
     path = os.path.join(str(tmp_path), mod.__name__, "mle", "ckpt.pt")
     refused(monkeypatch, mod, ["--tiny", "--out_dir", str(tmp_path), "--stage", "reward"],
-            f"^{path}: no such file \\(--stage mle writes it\\)$")
-    with pytest.raises(common.UserError, match=r"x\.pt: no such file$"):  # any other file: no hint
-        common.torch_load(str(tmp_path / "x.pt"))
+            f"^{re.escape(path)}: no such file \\(run --stage mle\\)$")
+    for other in ["x.pt", "foo_mle/ckpt.pt"]:  # any other file: no hint
+        with pytest.raises(common.UserError, match=r"\.pt: no such file$"):
+            common.torch_load(str(tmp_path / other))
 
 
 def test_a_start_of_another_image_size_names_its_checkpoint(tmp_path):
     args = argparse.Namespace(out_dir=str(tmp_path), resume=False, batch_size=4, micro_batch=0, init="", image_size=64,
                               reward_dir="reward")
     cfg = common.model_config("tiny", 32, 10, 4, 0, 1, 8)
-    with pytest.raises(common.UserError, match=f"^{tmp_path / 'caption' / 'mle' / 'ckpt.pt'}: a model of 32 px images"):
+    start = re.escape(str(tmp_path / "caption" / "mle" / "ckpt.pt"))
+    with pytest.raises(common.UserError, match=f"^{start}: a model of 32 px images"):
         common.stage_setup("caption", "reward", args, cfg, {}, "cpu", 1, init_state={})
