@@ -1,4 +1,5 @@
-"""Issue 22's ratio (reward step K=2 / MLE step, paired median) for other LM shapes: codes per image L and decoder depth.
+"""Issue 22's ratio (reward step K=2 / MLE step, paired median) for other LM shapes: codes per image L, decoder
+depth.
 Simplified step: no oracle encode / decode / PQ (about 1/4 of the MLE step and 80 ms of the reward step at L = 256;
 the first row also runs tests/bench.py's faithful row for calibration)."""
 import sys, time, torch
