@@ -1,7 +1,6 @@
 """Issue 22's ratio (reward step K=2 / MLE step, paired median) for other LM shapes: codes per image L, decoder
-depth.
-Simplified step: no oracle encode / decode / PQ (about 1/4 of the MLE step and 80 ms of the reward step at L = 256;
-the first row also runs tests/bench.py's faithful row for calibration)."""
+depth. Simplified step: no oracle encoding in the MLE step, no oracle decoding or PQ in the reward step (random
+rewards); compare its L = 256, 3-layer row with tests/bench.py's faithful row (bench_paired.txt)."""
 import sys, time, torch
 sys.path.insert(0, "/work/main")
 import common
