@@ -57,22 +57,22 @@ p.add_argument("--data", default="synthetic", choices=["synthetic", "coco"], hel
 p.add_argument("--data_dir", default="", help="COCO root: annotations/instances_<split>.json and <split>/ images")
 p.add_argument("--train_split", default="train2017", help="COCO training split name")
 p.add_argument("--val_split", default="val2017", help="COCO held-out split name")
-p.add_argument("--max_things", type=int, default=None, help="synthetic world: at most this many objects per scene (6)")
+p.add_argument("--max_things", type=int, default=None, help="synthetic world: most objects in a scene (preset: 6)")
 p.add_argument("--missed", type=float, default=None, help="synthetic annotator: each object left unannotated with "
                "this probability, in both splits, as COCO's annotators miss objects (preset); the truth keeps them")
 p.add_argument("--box_noise", type=float, default=None,
                help="synthetic annotator: each annotated box edge moves by N(0, this x the box's size) (preset: 0)")
 p.add_argument("--radius", type=float, nargs=2, default=None,
-               help="synthetic world: object radius range, x image size (0.1 0.25)")
+               help="synthetic world: object radius range, x image size (0.1 0.25; preset)")
 p.add_argument("--out_dir", default="out", help="stages write out_dir/detect/<stage>/")
 p.add_argument("--model", default=None, help="ViT size: tiny, S/16, B/16, L/16 (preset)")
-p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny)")
-p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (paper: 6)")
+p.add_argument("--patch", type=int, default=None, help="patch size when --model has none (tiny; preset)")
+p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (paper: 6; preset)")
 p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
                "out_dir/detect/encoder/encoder.pt of --stage encoder, if it exists)")
-p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 1280)")
-p.add_argument("--max_boxes", type=int, default=None, help="box slots per sequence, 6 tokens each (COCO: 100)")
-p.add_argument("--batch_size", type=int, default=None, help="global batch, split over processes")
+p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 1280; preset)")
+p.add_argument("--max_boxes", type=int, default=None, help="box slots per sequence, 6 tokens each (COCO: 100; preset)")
+p.add_argument("--batch_size", type=int, default=None, help="global batch, split over processes (preset)")
 p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
@@ -81,7 +81,7 @@ p.add_argument("--wd", type=float, default=None, help="decoupled weight decay of
 p.add_argument("--enc_lr_mult", type=float, default=1.0, help="encoder learning rate = lr x this")
 p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optimizer (encoder stage: adamw)")
 p.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
-p.add_argument("--samples", type=int, default=None, help="samples per image in the reward stage (K)")
+p.add_argument("--samples", type=int, default=None, help="samples per image in the reward stage (K; preset)")
 p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo"],
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="first", choices=["first", "all"], help="train on sample 0 only or all K")

@@ -163,6 +163,8 @@ def test_help_shows_fixed_defaults_and_not_the_presets_none(mod):
         assert help_of(mod.p, f"--{dest}").endswith(f"(default: {default})"), dest
     for flag in ["--lr", "--resume", "--data_dir"]:  # the preset's (None), a switch, "" (nothing given)
         assert "(default:" not in help_of(mod.p, flag), flag
+    from_preset = [a.dest for a in mod.p._actions if a.default is None and a.nargs != 0]  # no default shown:
+    assert len(from_preset) >= 5 and all("preset" in help_of(mod.p, f"--{d}") for d in from_preset)  # says whose
 
 
 @pytest.mark.parametrize("mod", [detect, caption, colorize, panoptic])
