@@ -80,7 +80,7 @@ p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
 p.add_argument("--temperature", type=float, default=None, help="sampling temperature in the reward stage (preset)")
-p.add_argument("--reward", default="cider", choices=["cider"], help="reward to optimize (see REWARDS)")
+p.add_argument("--reward", default="cider", help="reward to optimize, a key of REWARDS: cider (CIDEr-D)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -93,7 +93,7 @@ p.add_argument("--eval_images", type=int, default=None, help="held-out images to
 p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes (preset)")
 p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes (preset)")
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (COCO)")
-p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+p.add_argument("--tiny", action="store_true", help="tiny model, data, steps: all stages in under a minute (smoke test)")
 
 # ---- data and token format: 0 PAD, 1 BOS, 2 EOS, 3 UNK, then words by training frequency -----------------------------
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -220,12 +220,12 @@ def load_coco(args, split):
         if args.karpathy:  # Karpathy & Fei-Fei: train = train + restval; images under data_dir/<filepath>/
             keep = {"train", "restval"} if split == "train" else {split}
             items = [dict(id=im["cocoid"], file=os.path.join(args.data_dir, im.get("filepath", ""), im["filename"]),
-                          refs=[s["raw"] for s in im["sentences"]]) for im in d["images"] if im["split"] in keep]
+                          refs=[s["raw"] + "" for s in im["sentences"]]) for im in d["images"] if im["split"] in keep]
         else:
             by_id = {im["id"]: dict(id=im["id"], file=os.path.join(args.data_dir, split, im["file_name"]), refs=[])
                      for im in d["images"]}
             for a in d["annotations"]:
-                by_id[a["image_id"]]["refs"].append(str(a["caption"]))
+                by_id[a["image_id"]]["refs"].append(a["caption"] + "")  # + "": not a string is a TypeError
             items = list(by_id.values())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed captions json ({type(e).__name__}: {str(e)[:80]})")  # COCO's or Karpathy's
@@ -618,7 +618,7 @@ def evaluate(args):
     print("\n".join(table))
     S, font = 224, ImageFont.load_default(size=15)  # picture: the image, one reference, then each model's caption
     grid = [[common.open_rgb(va.items[i]).resize((S, S), Image.NEAREST), panel(va.items[i]["refs"][0], S, font)] +
-            [panel(preds[n][i]["caption"], S, font) for n in preds] for i in range(min(8, len(va)))]
+            [panel(preds[n][i]["caption"], S, font) for n in preds] for i in range(min(8, args.eval_images, len(va)))]
     common.save_grid(grid, ["image", "a reference"] + list(preds), os.path.join(out, "grid.png"), scale=1)
     print(f"wrote {out}/metrics.json, table.md, captions_*.json, grid.png")
 

@@ -95,10 +95,10 @@ p.add_argument("--eval_temperature", type=float, default=1.0,
                help="sampling temperature at eval (UViM's colorization: 1.0; 0 = greedy); noise fixed per image")
 p.add_argument("--top_p", type=float, default=None, help="nucleus sampling in the reward stage and at eval: each code "
                "from the smallest set holding this much probability (preset; 1: every code)")
-p.add_argument("--reward", default="colorfulness", choices=["colorfulness", "vivid_coherent"],
-               help="reward to optimize (REWARDS): the paper's colorfulness, or it x the squared agreement of "
-                    "the colours of pixels one code apart where the gray image has no edge (its stage writes "
-                    "out/colorize/reward_vivid_coherent/: eval shows both rows; mle_cont is the control of both)")
+p.add_argument("--reward", default="colorfulness",
+               help="reward to optimize, a key of REWARDS: the paper's colorfulness, or vivid_coherent: it x the "
+                    "squared agreement of the colours of pixels one code apart where the gray image has no edge (its "
+                    "stage writes <out_dir>/colorize/reward_vivid_coherent/: eval shows both rows)")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit without saving after this step (a preempted job)")
@@ -112,7 +112,7 @@ p.add_argument("--num_train", type=int, default=None, help="synthetic training s
 p.add_argument("--num_val", type=int, default=None, help="held-out images: synthetic scenes, or photos taken out "
                                                           "of the folder (at most 10%%; preset)")
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (folder)")
-p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+p.add_argument("--tiny", action="store_true", help="tiny model, data, steps: all stages in under a minute (smoke test)")
 
 # ---- colour: sRGB <-> CIE Lab (D65), the gray input ------------------------------------------------------------------
 RGB2XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
@@ -573,11 +573,10 @@ def main():
         stages.remove("encoder")
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
-            train_oracle(args)
-            continue
         common.stage_flags(args, preset, stage, given, "colorize", REWARDS)  # mle_cont: the reward stage's lr, steps
-        if stage == "eval":
+        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags (checks above: before stage I)
+            train_oracle(args)
+        elif stage == "eval":
             evaluate(args)
         elif stage == "encoder":
             pretrain_encoder(args)

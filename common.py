@@ -104,8 +104,8 @@ def model_config(model, image_size, vocab, seq_len, bos, dec_layers, patch=16, i
     if name not in SIZES or p and not (p.isdigit() and int(p) > 0):
         raise UserError(f"--model {model}: unknown size, choose from {', '.join(SIZES)} (e.g. B/16: patch 16)")
     (width, depth, heads), patch = SIZES[name], int(p) if p else patch
-    if image_size % patch:
-        raise UserError(f"--image_size {image_size} is not a multiple of the patch size {patch}")
+    if min(image_size, patch) <= 0 or image_size % patch:
+        raise UserError(f"--image_size {image_size}, patch {patch}: need both > 0, the size a multiple of the patch")
     return dict(width=width, enc_depth=depth, dec_depth=dec_layers, heads=heads, patch=patch,
                 image_size=image_size, in_chans=in_chans, vocab=vocab, seq_len=seq_len, bos=bos)
 
@@ -336,9 +336,8 @@ def make_optimizer(model, name, lr, wd, enc_lr_mult):
 
 def set_lr(opt, step, base, warmup, total, schedule):
     """Linear warmup, then constant (reward tuning) or cosine to zero (MLE); each group at base x lr_mult."""
-    lr = base * (step + 1) / warmup if step < warmup else base
-    if step >= warmup and schedule == "cosine":
-        lr = base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))  # 1 -> 0 after warmup
+    lr = base * (step + 1) / warmup if step < warmup else base * (cos if schedule == "cosine" else 1.0)
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
 
@@ -400,15 +399,17 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 
-def check_positive(args):  # counts, intervals, the reward's T: 0 divides by zero or trains nothing (None: preset)
-    if bad := [f"--{k} {v}" for k, v in vars(args).items() if k in ("steps", "batch_size", "samples", "ckpt_every",
-               "log_every", "eval_images", "temperature", "max_boxes", "max_len") and v is not None and v <= 0]:
+def check_positive(args):  # counts, intervals, lr, T, decoder depth: 0 breaks or trains nothing (None: preset)
+    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith("max_") or k in "lr steps batch_size "
+               "samples ckpt_every log_every eval_images temperature dec_layers".split()) and v is not None and v <= 0]:
         raise UserError(f"{', '.join(bad)}: must be > 0")
 
 def stage_flags(args, preset, stage, given, task, rewards):
     """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule;
     mle_cont (the fair control) copies the reward stage's. A --reward not first in rewards writes reward_<name>/."""
     check_positive(args)
+    if args.reward not in rewards:  # not argparse's choices: a reward added to REWARDS needs no second edit
+        raise UserError(f"--reward {args.reward}: not in REWARDS ({', '.join(rewards)})")
     args.reward_dir = "reward" if args.reward == next(iter(rewards)) else f"reward_{args.reward}"
     if stage == "mle_cont":
         path = os.path.join(args.out_dir, task, args.reward_dir, "ckpt.pt")  # missing: one line, run that stage first
@@ -431,15 +432,16 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     eval and saving; the wrapped one for the forward with grad."""
     path = os.path.join(args.out_dir, task, args.reward_dir if stage == "reward" else stage, "ckpt.pt")
     start, opt_state, b, init = 0, None, args.batch_size // world, os.path.join(args.out_dir, task, "mle", "ckpt.pt")
-    if args.micro_batch and b % args.micro_batch:  # unequal parts would weigh their examples unequally
-        raise UserError(f"--micro_batch {args.micro_batch} does not divide the per-process batch {b}")
+    if args.micro_batch < 0 or args.micro_batch and b % args.micro_batch:  # unequal parts: unequal weights
+        raise UserError(f"--micro_batch {args.micro_batch}: must be 0 (whole) or divide the per-process batch {b}")
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
-        init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
         keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size", "min_count", "max_len") + (  # else a crash
             ("samples", "baseline", "grad_on", "temperature", "reward") if stage.startswith("reward") else ())
-        if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)}:
+        if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)} | {
+                k: v for k, v in ck["config"].items() if cfg.get(k, v) != v}:  # --dec_layers, --patch, --max_boxes...
             raise UserError(f"{path}: made with {diff}; resume with the same flags")
+        init_state, cfg, meta, start, opt_state = ck["model"], ck["config"], ck["meta"], ck["step"], ck["optimizer"]
         print0(f"resuming {path} at step {start}" + " (finished; --stage eval evaluates it)" * (start >= args.steps))
     elif init_state is not None:  # which checkpoint this stage tuned: eval pairs reward and mle_cont by it
         meta = dict(meta, start=fingerprint(init_state))
@@ -473,10 +475,9 @@ def train_step(model, opt, args, micro_losses, world):
     opt.zero_grad(set_to_none=True)
     keys = sorted(stats)
     vals = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(model.parameters()).device)
-    if dist.is_initialized():  # mean over ranks (on the model's device: NCCL reduces no CPU tensor); every rank
+    if dist.is_initialized():  # sum over ranks (on the model's device: NCCL reduces no CPU tensor); every rank
         dist.all_reduce(vals)
-        vals /= dist.get_world_size()
-    stats = dict(zip(keys, vals.tolist()))
+    stats = dict(zip(keys, (vals / world).tolist()))  # the mean over ranks
     if not torch.isfinite(vals).all():
         raise UserError(f"non-finite training statistics {stats}: lower --lr; the last checkpoint is intact (--resume)")
     return stats
@@ -533,7 +534,6 @@ def readable(items, what):
 THINGS = ["square", "circle", "triangle", "star", "ring"]
 STUFF = ["sky", "wall", "grass", "water", "sand"]  # first two go on top, last three at the bottom
 CATEGORIES = [dict(id=i + 1, name=n, isthing=int(n in THINGS)) for i, n in enumerate(THINGS + STUFF)]
-
 # Thing colours: CIE Lab L* = 62, chroma 42 at the hue angles of HUES, in sRGB (colorize.lab_to_srgb). One
 # lightness: in gray they all look alike, so an object's hue cannot be read from its gray level (as on real photos).
 HUES = {"red": 30, "orange": 65, "yellow": 95, "green": 140, "teal": 195, "blue": 265, "purple": 320}

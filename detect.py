@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import common
@@ -86,8 +86,8 @@ p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo
                help="reward baseline: none, another sample's reward (paper Alg. 2), mean of the other K-1")
 p.add_argument("--grad_on", default="first", choices=["first", "all"], help="train on sample 0 only or all K")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature in the reward stage")
-p.add_argument("--reward", default="map", choices=["map", "recall"], help="reward to optimize (see REWARDS); recall's "
-               "stage writes out/detect/reward_recall/, so eval shows it beside map's")
+p.add_argument("--reward", default="map", help="reward to optimize, a key of REWARDS: map (the paper's) or recall, "
+               "whose stage writes <out_dir>/detect/reward_recall/, so eval shows it beside map's")
 p.add_argument("--conf_weight", type=float, default=0.3, help="weight of the confidence-to-IoU loss")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
@@ -101,7 +101,7 @@ p.add_argument("--eval_images", type=int, default=None, help="held-out images to
 p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes (preset)")
 p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes (preset)")
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (COCO)")
-p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+p.add_argument("--tiny", action="store_true", help="tiny model, data, steps: all stages in under a minute (smoke test)")
 
 # ---- data and token format: per box [ymin, xmin, ymax, xmax, class, conf] --------------------------------------------
 # tokens 0..2 confidence (0 = padding box = end), 3..1003 coordinate levels, then classes, then BOS
@@ -200,9 +200,10 @@ def load_coco(data_dir, split):
         if len(items) < len(gt["images"]):
             raise UserError(f"{path}: {len(gt['images']) - len(items)} images repeat another image's id")
         for k, a in enumerate(gt["annotations"]):  # name the field: filtered subsets keep stray annotations
+            box = len(a["bbox"]) == 4 and min(a["bbox"][2:]) >= 0 and np.isfinite(a["bbox"]).all()  # NaN: not >= 0
             if bad := [n for n, ok in [("image_id", a["image_id"] in items), ("category_id", a["category_id"] in label),
-                                       ("bbox", len(a["bbox"]) == 4 and min(a["bbox"][2:]) >= 0)] if not ok]:
-                raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]} (not in the file, or not [x, y, w, h])")
+                                       ("bbox", box)] if not ok]:
+                raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]!r} (not in the file / not [x, y, w, h])")
         # COCOeval keys ground truth by annotation id (merged exports repeat them) and reads iscrowd and area
         gt["annotations"] = [dict(a, id=k + 1, iscrowd=a.get("iscrowd", 0), area=a.get("area", w * h))
                              for k, a in enumerate(gt["annotations"]) for w, h in [a["bbox"][2:4]]]
@@ -214,8 +215,10 @@ def load_coco(data_dir, split):
             it["boxes"].append([y / it["h"], x / it["w"], (y + h) / it["h"], (x + w) / it["w"]])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError, ZeroDivisionError) as e:
         raise UserError(f"{path}: malformed COCO instances file ({type(e).__name__}: {str(e)[:80]})")
-    for it in items.values():
-        it["boxes"] = np.clip(np.array(it["boxes"], np.float32).reshape(-1, 4), 0, 1)
+    for it in items.values():  # clipped to the image; a box with nothing inside it is no target
+        b = np.clip(np.array(it["boxes"], np.float32).reshape(-1, 4), 0, 1)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        it["boxes"], it["labels"] = b[keep], [c for c, k in zip(it["labels"], keep) if k]
     return list(items.values()), gt, names, cats
 
 
@@ -309,20 +312,18 @@ def reward_map(pred, batch, dup_weight=0.3):
     """The authors' mAP reward: r = mean over thr in 0.50:0.05:0.95 of
     [sum_{matched GT g} w_class(g) - 0.3 * sum_{duplicate p} w_class(p)], w_c = 1/(n_c + 0.05 N), mean 1.
     Their code keys thresholds by one decimal, which silently re-weights them; we use the uniform
-    mean they meant. aux['match_iou'] (B, K, P) at IoU 0.5 is the confidence target."""
-    r, aux = 0.0, {}
+    mean they meant."""
+    r = 0.0
     for thr in np.linspace(0.5, 0.95, 10).round(2).tolist():  # exact 0.65 (float32 linspace: 0.6499999762)
-        m, d, iou = match(pred, batch, thr, batch["class_weights"])
+        m, d, _ = match(pred, batch, thr, batch["class_weights"])
         r = r + (m - dup_weight * d) / 10
-        if thr == 0.5:
-            aux = dict(match_iou=iou, matches=m, duplicates=d)
-    return r, aux
+    return r, {}
 
 
 def reward_recall(pred, batch, dup_weight=0.3):
     """Recall reward: r = #GT matched at IoU > 0.5 - 0.3 * #duplicates (unweighted)."""
-    m, d, iou = match(pred, batch, 0.5, [1.0] * len(batch["class_weights"]))
-    return m - dup_weight * d, dict(match_iou=iou, matches=m, duplicates=d)
+    m, d, _ = match(pred, batch, 0.5, [1.0] * len(batch["class_weights"]))
+    return m - dup_weight * d, {}
 
 
 REWARDS = {"map": reward_map, "recall": reward_recall}
@@ -520,16 +521,16 @@ def train(args, stage):
                 tok, _ = common.sample(raw, imgs[s], L, args.samples, args.temperature, noise=noise,
                                        allowed=sample_allowed, end_token=0)
             r, aux = REWARDS[args.reward](tok, batch)
+            m, d, iou = match(tok, batch, 0.5, batch["class_weights"])  # the confidence target, whatever the reward
             mask = common.until_end(tok, 0)
             mask[..., 5::6] = False  # confidence tokens learn from conf_loss, not from the reward
             with common.autocast(device):
                 loss, logits, t, _, st = common.reinforce_loss(model, imgs[s], tok, r, mask, args.baseline,
                                                                args.grad_on, allowed)
-                iou = aux["match_iou"][:, :1] if args.grad_on == "first" else aux["match_iou"]
-                lc = conf_loss(logits, t, iou.reshape(t.shape[0], -1), nc)
+                lc = conf_loss(logits, t, (iou[:, :1] if args.grad_on == "first" else iou).reshape(t.shape[0], -1), nc)
             nb = decode(tok, nc)[2].sum(-1).float().mean()
             return loss + args.conf_weight * lc, dict(st, reward=r.mean(), conf_loss=lc.item(), boxes=nb,
-                                                      matches=aux["matches"].mean(), dups=aux["duplicates"].mean())
+                                                      matches=m.mean(), dups=d.mean(), **aux)
 
         micro = reward_micro if stage == "reward" else mle_micro
         stats = common.train_step(model, opt, args, [lambda s=slice(i, i + mb): micro(s) for i in range(0, b, mb)],
@@ -551,14 +552,17 @@ def train(args, stage):
 
 
 def draw(item, size, boxes=(), color="red", scale=4):
-    """Image with boxes [(x0, y0, x1, y1, label)] in original-image pixels."""
+    """Image with boxes [(x0, y0, x1, y1, label)] in original-image pixels, each label on a tag of the box's colour."""
     img = common.open_rgb(item)
     sx, sy = size * scale / item["w"], size * scale / item["h"]
     img = img.resize((size * scale, size * scale), Image.NEAREST)
-    d = ImageDraw.Draw(img)
+    d, font = ImageDraw.Draw(img), ImageFont.load_default(size=11)
+    d.fontmode = "1"  # no anti-aliasing: two colours per box (tests count them)
     for x0, y0, x1, y1, name in boxes:
-        d.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline=color)
-        d.text((x0 * sx + 2, y0 * sy + 1), name, fill=color)
+        d.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline=color, width=2)
+        tag = d.textbbox((x0 * sx + 3, y0 * sy + 3), name, font=font)  # filled: legible on any ground or shape
+        d.rectangle([tag[0] - 1, tag[1] - 1, tag[2] + 1, tag[3] + 1], fill=color)
+        d.text((x0 * sx + 3, y0 * sy + 3), name, fill="black" if color == "lime" else "white", font=font)
     return img
 
 

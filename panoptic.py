@@ -83,7 +83,7 @@ p.add_argument("--baseline", default="loo", choices=["none", "independent", "loo
 p.add_argument("--grad_on", default="all", choices=["first", "all"], help="train on sample 0 only or all K")
 p.add_argument("--temperature", type=float, default=None, help="sampling temperature in the reward stage (preset)")
 p.add_argument("--min_segment", type=int, default=0, help="decoding: smaller segments (pixels) become void")
-p.add_argument("--reward", default="pq", choices=["pq"], help="reward to optimize (REWARDS)")
+p.add_argument("--reward", default="pq", help="reward to optimize, a key of REWARDS: pq")
 p.add_argument("--init", default="", help="checkpoint the (first) stage starts from (default: the previous stage's)")
 p.add_argument("--resume", action="store_true", help="continue this stage from its own last checkpoint")
 p.add_argument("--stop_at", type=int, default=0, help="exit unsaved after this mle/reward/mle_cont step (preempted)")
@@ -96,7 +96,7 @@ p.add_argument("--eval_images", type=int, default=None, help="held-out images to
 p.add_argument("--num_train", type=int, default=None, help="synthetic training scenes (preset)")
 p.add_argument("--num_val", type=int, default=None, help="synthetic held-out scenes (preset)")
 p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-p.add_argument("--tiny", action="store_true", help="tiny model, data and steps: every stage in about a minute")
+p.add_argument("--tiny", action="store_true", help="tiny model, data, steps: all stages in under a minute (smoke test)")
 
 # ---- data and token format: the oracle's 256 codes, token = code + 1, token 0 = BOS (never emitted) ------------------
 MAX_SEGMENTS = 100  # ground-truth segments per image the reward reads (COCO has up to ~90; synthetic <= 8)
@@ -633,11 +633,10 @@ def main():
         stages.remove("encoder")
     given = dict(steps=args.steps, lr=args.lr, warmup=args.warmup, wd=args.wd)
     for stage in stages:
-        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags
-            train_oracle(args)
-            continue
         common.stage_flags(args, preset, stage, given, "panoptic", REWARDS)  # mle_cont: the reward stage's lr, steps
-        if stage == "eval":
+        if stage == "oracle":  # its own flags: vqvae.py's preset and --oracle_flags (checks above: before stage I)
+            train_oracle(args)
+        elif stage == "eval":
             evaluate(args)
         elif stage == "encoder":
             pretrain_encoder(args)

@@ -292,7 +292,6 @@ def oracle_args(task_args, task):
     except ValueError as e:  # an unclosed quote
         raise UserError(f"--oracle_flags {task_args.oracle_flags!r}: {e}")
     args, unknown = p.parse_known_args(flags)  # a bad value: argparse's one line, under vqvae.py's usage
-    common.check_positive(task_args)  # before stage I trains: the task's stages would refuse them only after it
     if unknown:
         raise UserError(f"--oracle_flags: {' '.join(unknown)}: not a flag of vqvae.py (python vqvae.py --help)")
     if given := [k for k in SHARED if getattr(args, k) != p.get_default(k)]:

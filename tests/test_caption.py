@@ -290,6 +290,9 @@ def test_tiny_runs_every_stage(tmp_path):
     # the grid: 8 images, each in a row of equal square panels: the image, a reference, mle, mle_cont, reward
     w, h = Image.open(out / "grid.png").size
     assert "| reward |" in p.stdout and w % 5 == 0 and 8 * (w // 5) <= h < 9 * (w // 5)
+    run("--tiny", "--stage", "eval", "--eval_images", 3, "--out_dir", tmp_path)  # fewer images than the grid's 8 rows
+    w, h = Image.open(out / "grid.png").size  # (it crashed: the grid asked for 8 captions of each model)
+    assert 3 * (w // 5) <= h < 4 * (w // 5) and len(json.load(open(out / "captions_mle.json"))) == 3
 
 
 def test_coco_fixture_loads_trains_and_evaluates(tmp_path):
@@ -315,6 +318,11 @@ def test_karpathy_split_loads(tmp_path):
     assert [it["id"] for it in caption.load_coco(args, "train")] == [100, 101]
     test = caption.load_coco(args, "test")
     assert [it["id"] for it in test] == [102, 104] and test[0]["file"].endswith("val2014/val2014_2.png")
+    kp["images"][2]["sentences"][0]["raw"] = None  # a caption that is not a string: one line, not a crash later
+    with open(tmp_path / "dataset_coco.json", "w") as f:
+        json.dump(kp, f)
+    with pytest.raises(caption.UserError, match=r"dataset_coco.json: malformed captions json \(TypeError"):
+        caption.load_coco(args, "test")
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):

@@ -50,6 +50,15 @@ def refused(monkeypatch, mod, argv, match):
     (colorize, ["--stage", "all", "--samples", "0"], r"--samples 0: must be > 0"),
     (detect, ["--stage", "mle_cont", "--ckpt_every", "0"], r"--ckpt_every 0: must be > 0"),
     (colorize, ["--stage", "oracle", "--oracle_flags", "--log_every 0"], r"--log_every 0: must be > 0"),
+    # flags that trained nothing (lr 0, no micro-batch), an LM blind to the image, or crashed deep in numpy / torch
+    (panoptic, ["--stage", "mle", "--lr", "0"], r"--lr 0.0: must be > 0"),
+    (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be 0 \(whole\) or divide"),
+    (caption, ["--stage", "mle", "--dec_layers", "0"], r"--dec_layers 0: must be > 0"),
+    (detect, ["--stage", "mle", "--patch", "0"], r"--image_size 32, patch 0: need both > 0"),
+    (detect, ["--stage", "all", "--max_things", "0"], r"--max_things 0: must be > 0"),
+    # a reward name not in REWARDS (no argparse choices: a reward added to REWARDS needs no second edit), before stage I
+    (detect, ["--stage", "all", "--reward", "nope"], r"--reward nope: not in REWARDS \(map, recall\)$"),
+    (panoptic, ["--stage", "all", "--reward", "map"], r"--reward map: not in REWARDS \(pq\)$"),
 ])
 def test_bad_flags_are_refused_before_any_work(monkeypatch, tmp_path, mod, argv, match):
     refused(monkeypatch, mod, ["--tiny", "--out_dir", str(tmp_path), *argv], match)
@@ -69,13 +78,17 @@ def write_instances(root, annotations, split="train2017"):
     (dict(image_id=1, category_id=5, bbox=[0, 0, 4, 4]), r"annotation 1: category_id 5"),
     (dict(image_id=1, category_id=3, bbox=[0, 0, 4]), r"annotation 1: bbox \[0, 0, 4\]"),
     (dict(image_id=1, category_id=3, bbox=[0, 0, -4, 4]), r"annotation 1: bbox \[0, 0, -4, 4\]"),
+    (dict(image_id=1, category_id=3, bbox=[float("nan"), 0, 4, 4]), r"annotation 1: bbox \[nan, 0, 4, 4\]"),  # trained
+    (dict(image_id="1", category_id=3, bbox=[0, 0, 4, 4]), r"annotation 1: image_id '1'"),  # not "image_id 1"
 ])
 def test_coco_instances_errors_name_the_annotation_and_field(tmp_path, ann, match):
     write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5]), ann])  # annotation 0 is fine
     with pytest.raises(common.UserError, match="instances_train2017.json: " + match):
         detect.load_coco(str(tmp_path), "train2017")
-    write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5])])
-    items, *_ = detect.load_coco(str(tmp_path), "train2017")  # and the good annotation alone loads
+    write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5]),  # and the good annotation loads,
+                               dict(image_id=1, category_id=3, bbox=[30, 2, 4, 4]),  # one outside the 20 x 10 image
+                               dict(image_id=1, category_id=3, bbox=[18, 8, 0, 0])])  # and one of no size: no targets
+    items, *_ = detect.load_coco(str(tmp_path), "train2017")
     assert items[0]["labels"] == [1] and items[0]["boxes"].tolist() == [pytest.approx([0.1, 0.05, 0.6, 0.3])]  # yxyx
 
 
