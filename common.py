@@ -398,10 +398,10 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
     return model.to(device)
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
-
 def check_positive(args):  # counts, intervals, lr, T, decoder depth: 0 breaks or trains nothing (None: preset)
     if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith("max_") or k in "lr steps batch_size "
-               "samples ckpt_every log_every eval_images temperature dec_layers".split()) and v is not None and v <= 0]:
+               "samples ckpt_every log_every eval_images temperature dec_layers patch image_size".split())
+               and v is not None and v <= 0]:
         raise UserError(f"{', '.join(bad)}: must be > 0")
 
 def stage_flags(args, preset, stage, given, task, rewards):

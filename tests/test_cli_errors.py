@@ -54,7 +54,9 @@ def refused(monkeypatch, mod, argv, match):
     (panoptic, ["--stage", "mle", "--lr", "0"], r"--lr 0.0: must be > 0"),
     (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be 0 \(whole\) or divide"),
     (caption, ["--stage", "mle", "--dec_layers", "0"], r"--dec_layers 0: must be > 0"),
-    (detect, ["--stage", "mle", "--patch", "0"], r"--image_size 32, patch 0: need both > 0"),
+    (detect, ["--stage", "mle", "--patch", "0"], r"--patch 0: must be > 0"),
+    (caption, ["--stage", "mle", "--image_size", "-32"], r"--image_size -32: must be > 0"),  # was: numpy's traceback
+    (panoptic, ["--stage", "all", "--patch", "0"], r"--patch 0: must be > 0"),  # was: only after stage I trained
     (detect, ["--stage", "all", "--max_things", "0"], r"--max_things 0: must be > 0"),
     # a reward name not in REWARDS (no argparse choices: a reward added to REWARDS needs no second edit), before stage I
     (detect, ["--stage", "all", "--reward", "nope"], r"--reward nope: not in REWARDS \(map, recall\)$"),
