@@ -545,7 +545,7 @@ def train(args, stage):
             with common.autocast(device):
                 loss, _, _, _, st = common.reinforce_loss(model, imgs[s], tok, r, common.until_end(tok, EOS),
                                                           args.baseline, args.grad_on, allowed)
-            return loss, dict(st, reward=r.mean(), **aux)
+            return loss, dict(aux, **st, reward=r.mean())  # a user's aux cannot overwrite (or clash with) these
 
         micro = reward_micro if stage == "reward" else mle_micro
         stats = common.train_step(model, opt, args, [lambda s=slice(i, i + mb): micro(s) for i in range(0, b, mb)],

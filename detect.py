@@ -529,8 +529,8 @@ def train(args, stage):
                                                                args.grad_on, allowed)
                 lc = conf_loss(logits, t, (iou[:, :1] if args.grad_on == "first" else iou).reshape(t.shape[0], -1), nc)
             nb = decode(tok, nc)[2].sum(-1).float().mean()
-            return loss + args.conf_weight * lc, dict(st, reward=r.mean(), conf_loss=lc.item(), boxes=nb,
-                                                      matches=m.mean(), dups=d.mean(), **aux)
+            return loss + args.conf_weight * lc, dict(aux, **st, reward=r.mean(), conf_loss=lc.item(), boxes=nb,
+                                                      matches=m.mean(), dups=d.mean())  # aux: never clashes
 
         micro = reward_micro if stage == "reward" else mle_micro
         stats = common.train_step(model, opt, args, [lambda s=slice(i, i + mb): micro(s) for i in range(0, b, mb)],

@@ -271,7 +271,7 @@ def test_the_readmes_own_reward_runs_as_written(tiny, tmp_path, monkeypatch):
     def spy(pred, batch):  # what the stage got back from the user's reward
         r, aux = small(pred, batch)
         calls.append((pred.shape, r))
-        return r, aux
+        return r, dict(aux, reward=torch.tensor(-1.0), small=r.mean())  # a key the stage logs too: the stage's wins
     detect.REWARDS["small"] = spy
     shutil.copytree(tiny[0] / "detect" / "mle", tmp_path / "detect" / "mle")
     for stage in (["reward", "--steps", "3"], ["eval"]):
@@ -282,7 +282,7 @@ def test_the_readmes_own_reward_runs_as_written(tiny, tmp_path, monkeypatch):
     assert len(train) % 3 == 0 and len(train) > 0
     last = train[-len(train) // 3:]  # the micro-batches of step 3
     rec = [r for r in records(tmp_path, "reward_small") if r["step"] == 3 and "reward" in r][0]
-    assert rec["reward"] == pytest.approx(float(sum(r.mean() for r in last) / len(last)), abs=1e-4)
+    assert rec["reward"] == pytest.approx(float(sum(r.mean() for r in last) / len(last)), abs=1e-4) == rec["small"]
     m = json.load(open(tmp_path / "detect" / "eval" / "metrics.json"))
     assert set(m) == {"mle", "reward_small"}  # mle_cont was not run here
     assert all(bool((r == r.round()).all() and (r >= 0).all()) for r in train)  # counts of boxes, as it says
