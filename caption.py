@@ -229,7 +229,7 @@ def load_coco(args, split):
             items = list(by_id.values())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed captions json ({type(e).__name__}: {str(e)[:80]})")  # COCO's or Karpathy's
-    items = [it for it in items if it["refs"]]
+    items = [dict(it, refs=r) for it in items if (r := [c for c in it["refs"] if tokenize(c)])]  # "", "...": no words
     if not items:
         raise UserError(f"{path}: no captioned images in split '{split}'")
     return items

@@ -150,8 +150,7 @@ class Block(nn.Module):
             x = x + self.cross(self.lnc(x), kv=mem_kv)
         return x + self.mlp(self.ln2(x))
 
-def sincos(values, dim):
-    """(N,) positions -> (N, dim) sin-cos features (the Transformer's), RMS ~0.7."""
+def sincos(values, dim):  # (N,) positions -> (N, dim) sin-cos features (the Transformer's), RMS ~0.7
     freq = 1.0 / 10000 ** (torch.arange(0, dim // 2, dtype=torch.float32) / (dim // 2))
     x = values.float()[:, None] * freq[None]
     return torch.cat([x.sin(), x.cos()], 1)
@@ -399,8 +398,9 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 def check_positive(args):  # counts, intervals, lr, T, decoder depth: 0 breaks or trains nothing (None: preset)
-    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith("max_") or k in "lr steps batch_size "
-               "samples ckpt_every log_every eval_images temperature dec_layers patch image_size".split())
+    names = "lr steps batch_size samples ckpt_every log_every eval_images temperature dec_layers patch image_size"
+    names += " num_train num_val" * (getattr(args, "data", "") == "synthetic")  # real data's presets: 0 = unused
+    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith("max_") or k in names.split())
                and v is not None and v <= 0]:
         raise UserError(f"{', '.join(bad)}: must be > 0")
 
@@ -497,8 +497,7 @@ class StepSampler:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             yield torch.randint(self.n, (self.batch,), generator=g)[self.slice].tolist()
 
-def open_rgb(item):
-    """An item's image as a PIL RGB image: the synthetic world's array, or its file (a bad file is one line)."""
+def open_rgb(item):  # an item's image as a PIL RGB image: the synthetic world's array, or its file (bad: one line)
     if "image" in item:
         return Image.fromarray(item["image"])
     try:
@@ -523,7 +522,8 @@ def readable(items, what):
                 return im.verify() is None  # PNG: checks every chunk's CRC
         except Exception:
             return False
-    ok = [it for it in items if all(decodes(it[k], it.get("size")) for k in ("file", "png") if k in it)]
+    ok = [it for it in items if all(os.path.isfile(it[k]) and decodes(it[k], it.get("size"))  # a FIFO: open blocks
+                                    for k in ("file", "png") if k in it)]
     if bad := len(items) - len(ok):  # not fatal in big data
         print0(f"warning: {what}: skipped {bad} of {len(items)} images: unreadable, or not of their annotated size")
     if not ok:

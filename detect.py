@@ -202,8 +202,9 @@ def load_coco(data_dir, split):
         for k, a in enumerate(gt["annotations"]):  # name the field: filtered subsets keep stray annotations
             box = len(a["bbox"]) == 4 and min(a["bbox"][2:]) >= 0 and np.isfinite(a["bbox"]).all()  # NaN: not >= 0
             if bad := [n for n, ok in [("image_id", a["image_id"] in items), ("category_id", a["category_id"] in label),
-                                       ("bbox", box)] if not ok]:
-                raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]!r} (not in the file / not [x, y, w, h])")
+                                       ("bbox", box), ("iscrowd", a.get("iscrowd", 0) in (0, 1))] if not ok]:
+                raise UserError(f"{path}: annotation {k}: {bad[0]} {a[bad[0]]!r} (not in the file / not [x, y, w, h] "
+                                "/ not 0 or 1)")
         # COCOeval keys ground truth by annotation id (merged exports repeat them) and reads iscrowd and area
         gt["annotations"] = [dict(a, id=k + 1, iscrowd=a.get("iscrowd", 0), area=a.get("area", w * h))
                              for k, a in enumerate(gt["annotations"]) for w, h in [a["bbox"][2:4]]]
@@ -264,8 +265,7 @@ def collate(batch):
     return torch.tensor(idx), torch.stack(imgs), list(boxes), list(labels)
 
 
-def gt_arrays(boxes, labels, max_boxes):
-    """Lists -> padded gt_boxes (B, M, 4), gt_labels (B, M) with -1 for no box: what rewards read."""
+def gt_arrays(boxes, labels, max_boxes):  # lists -> padded gt_boxes (B, M, 4), gt_labels (B, M) (-1: no box)
     gb, gl = torch.zeros(len(boxes), max_boxes, 4), torch.full((len(boxes), max_boxes), -1)
     for i, (b, l) in enumerate(zip(boxes, labels)):
         gb[i, :len(b[:max_boxes])], gl[i, :len(l[:max_boxes])] = b[:max_boxes], l[:max_boxes]

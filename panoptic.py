@@ -120,12 +120,15 @@ def load_coco(args, split):
                       size=(ims[a["image_id"]]["width"], ims[a["image_id"]]["height"]), ann=a,
                       segments=[dict(id=s["id"], category_id=s["category_id"], iscrowd=s.get("iscrowd", 0))
                                 for s in a["segments_info"]]) for a in d["annotations"]]
-        known = {c["id"] for c in cats}
-        bad = [s["category_id"] for it in items for s in it["segments"] if s["category_id"] not in known]
+        known = {c["id"] for c in cats}  # and what eval's pq_compute reads: else it fails there, naming our gt.json
+        bad = [f"segments with category_id {s['category_id']}, which is not in its categories" for it in items
+               for s in it["segments"] if s["category_id"] not in known] + [f"segment {s}: needs an int id and area, "
+               "iscrowd 0 or 1" for a in d["annotations"] for s in a["segments_info"]
+               if {type(s["id"]), type(s["area"])} != {int} or s.get("iscrowd", 0) not in (0, 1)]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed COCO panoptic json ({type(e).__name__}: {str(e)[:80]})")
     if bad:
-        raise UserError(f"{path}: segments with category_id {bad[0]}, which is not in its categories")
+        raise UserError(f"{path}: {bad[0]}")
     if missing := [it["png"] for it in items if not os.path.isfile(it["png"])]:
         raise UserError(f"{missing[0]}: missing panoptic PNG ({len(missing)} of {len(items)} missing)")
     return common.readable(items, split), cats
@@ -234,13 +237,11 @@ REWARDS = {"pq": reward_pq}
 VOID, OFFSET, GROUPS, SIZES = 0, 256 ** 3, ("All", "Things", "Stuff"), ("Things small", "Things large")  # SIZES: ours
 
 
-def rgb2id(png):
-    """(H, W, 3) uint8 colours -> (H, W) segment ids: R + 256 G + 256^2 B (0 = void)."""
+def rgb2id(png):  # (H, W, 3) uint8 colours -> (H, W) segment ids: R + 256 G + 256^2 B (0 = void)
     return png.astype(np.uint32) @ np.array([1, 256, 256 ** 2], np.uint32)
 
 
-def id2rgb(ids):
-    """(H, W) segment ids -> (H, W, 3) uint8 colours, the inverse of rgb2id."""
+def id2rgb(ids):  # (H, W) segment ids -> (H, W, 3) uint8 colours, the inverse of rgb2id
     return np.stack([np.asarray(ids, np.uint32) // d % 256 for d in (1, 256, 256 ** 2)], -1).astype(np.uint8)
 
 

@@ -303,9 +303,15 @@ def oracle_args(task_args, task):
         raise UserError(f"{task}.py --data {args.data}: no oracle preset ({', '.join(PRESETS)})")
     for k, v in dict(PRESETS[key], **(TINY if args.tiny else {})).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    common.check_positive(args)  # the oracle's own (--oracle_flags)
     if args.image_size % args.patch:
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch {args.patch}")
-    common.check_positive(args)  # the oracle's own (--oracle_flags)
+    sizes = ("width", "depth", "heads", "codebook", "code_dim") + ("instances",) * (task == "panoptic")  # colorize: 0
+    if bad := [f"--{k} {getattr(args, k)}" for k in sizes if getattr(args, k) <= 0]:
+        raise UserError(f"--oracle_flags: {', '.join(bad)}: must be > 0")
+    if args.pixel < 0 or args.width % args.heads:  # each head gets width / heads features
+        raise UserError(f"--oracle_flags: need --pixel >= 0 (got {args.pixel}) and --heads dividing --width (got "
+                        f"{args.heads}, {args.width})")
     return args
 
 

@@ -318,6 +318,12 @@ def test_karpathy_split_loads(tmp_path):
     assert [it["id"] for it in caption.load_coco(args, "train")] == [100, 101]
     test = caption.load_coco(args, "test")
     assert [it["id"] for it in test] == [102, 104] and test[0]["file"].endswith("val2014/val2014_2.png")
+    kp["images"][2]["sentences"] += [dict(raw=""), dict(raw=" ... ")]  # no words: was a reference of EOS alone
+    kp["images"][4]["sentences"] = [dict(raw="!")]  # its only caption has no word: the image has none
+    with open(tmp_path / "dataset_coco.json", "w") as f:
+        json.dump(kp, f)
+    test = caption.load_coco(args, "test")
+    assert [it["id"] for it in test] == [102] and test[0]["refs"] == ["a red square number 2"]
     kp["images"][2]["sentences"][0]["raw"] = None  # a caption that is not a string: one line, not a crash later
     with open(tmp_path / "dataset_coco.json", "w") as f:
         json.dump(kp, f)

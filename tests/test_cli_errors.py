@@ -58,6 +58,15 @@ def refused(monkeypatch, mod, argv, match):
     (caption, ["--stage", "mle", "--image_size", "-32"], r"--image_size -32: must be > 0"),  # was: numpy's traceback
     (panoptic, ["--stage", "all", "--patch", "0"], r"--patch 0: must be > 0"),  # was: only after stage I trained
     (detect, ["--stage", "all", "--max_things", "0"], r"--max_things 0: must be > 0"),
+    # no synthetic scenes: numpy's traceback (detect) or a NaN CIDEr-D with exit 0 (caption)
+    (detect, ["--stage", "mle", "--num_train", "0"], r"--num_train 0: must be > 0"),
+    (caption, ["--stage", "mle", "--num_val", "0"], r"--num_val 0: must be > 0"),
+    # the oracle's sizes (tracebacks deep in torch, or an oracle of depth 0 that trained and reported nothing)
+    (panoptic, ["--stage", "oracle", "--oracle_flags", "--codebook 0"], r"--codebook 0: must be > 0"),
+    (panoptic, ["--stage", "oracle", "--oracle_flags", "--instances 0"], r"--instances 0: must be > 0"),
+    (colorize, ["--stage", "oracle", "--oracle_flags", "--depth 0"], r"--depth 0: must be > 0"),
+    (colorize, ["--stage", "oracle", "--oracle_flags", "--heads 3"], r"--heads dividing --width \(got 3, 64\)"),
+    (panoptic, ["--stage", "oracle", "--oracle_flags", "--pixel -1"], r"--pixel >= 0 \(got -1\)"),
     # a reward name not in REWARDS (no argparse choices: a reward added to REWARDS needs no second edit), before stage I
     (detect, ["--stage", "all", "--reward", "nope"], r"--reward nope: not in REWARDS \(map, recall\)$"),
     (panoptic, ["--stage", "all", "--reward", "map"], r"--reward map: not in REWARDS \(pq\)$"),
@@ -82,6 +91,7 @@ def write_instances(root, annotations, split="train2017"):
     (dict(image_id=1, category_id=3, bbox=[0, 0, -4, 4]), r"annotation 1: bbox \[0, 0, -4, 4\]"),
     (dict(image_id=1, category_id=3, bbox=[float("nan"), 0, 4, 4]), r"annotation 1: bbox \[nan, 0, 4, 4\]"),  # trained
     (dict(image_id="1", category_id=3, bbox=[0, 0, 4, 4]), r"annotation 1: image_id '1'"),  # not "image_id 1"
+    (dict(image_id=1, category_id=3, bbox=[0, 0, 4, 4], iscrowd="no"), r"annotation 1: iscrowd 'no'"),  # crowd?
 ])
 def test_coco_instances_errors_name_the_annotation_and_field(tmp_path, ann, match):
     write_instances(tmp_path, [dict(image_id=1, category_id=7, bbox=[1, 1, 5, 5]), ann])  # annotation 0 is fine

@@ -3,6 +3,7 @@ Run: python -m pytest -q tests/test_detect.py"""
 import argparse
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -341,3 +342,19 @@ def test_eval_scores_against_the_annotations_and_the_truth():
     assert detect.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert detect.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert detect.spearman([1, 1, 2], [5, 5, 5]) is None
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
+    """Image.open on a named pipe blocks until someone writes to it: readable() hung on one (a stray mkfifo in a data
+    folder); now it is not a file, so it is skipped and counted like any unreadable image."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    items = [dict(id=i, file=str(tmp_path / n)) for i, n in enumerate(["ok.png", "pipe.png"])]
+    def hung(*_):
+        raise TimeoutError("readable() blocked on the FIFO")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # the old code blocked here forever: fail, do not hang the suite
+    try:
+        assert common.readable(items, "t") == items[:1]
+    finally:
+        signal.alarm(0)

@@ -367,3 +367,26 @@ def test_coco_splits_must_list_the_same_categories(tmp_path):
     args = argparse.Namespace(data="coco", data_dir=str(tmp_path), train_split="train", val_split="val")
     with pytest.raises(UserError, match="categories differ from --train_split"):
         panoptic.load_data(args)
+
+
+@pytest.mark.parametrize("field,value", [("id", "5"), ("area", None), ("iscrowd", "no")])
+def test_a_malformed_segment_is_refused_at_load_not_at_eval(tmp_path, field, value):
+    """A string segment id, an area missing, iscrowd "no" (truthy: void for the oracle, not crowd for the reward) were
+    read as they came and failed only in eval's pq_compute, naming our own gt.json; now the loader names the file."""
+    import argparse
+    write_coco_panoptic(tmp_path, "val", [(40, 40)])
+    path = tmp_path / "annotations" / "panoptic_val.json"
+    d = json.load(open(path))
+    seg = d["annotations"][0]["segments_info"][0]
+    if value is None:
+        del seg[field]
+    else:
+        seg[field] = value
+    json.dump(d, open(path, "w"))
+    args = argparse.Namespace(data="coco", data_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"panoptic_val.json: (segment .*needs an int id and area, iscrowd 0 or 1|"
+                                        r"malformed COCO panoptic json \(KeyError: 'area'\))"):
+        panoptic.load_coco(args, "val")
+    seg[field] = {"id": 5, "area": seg.get("area", 1), "iscrowd": 1}[field]  # the same file, well-formed: loads
+    json.dump(d, open(path, "w"))
+    assert len(panoptic.load_coco(args, "val")[0]) == 1
