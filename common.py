@@ -41,8 +41,7 @@ def run(main):  # main(); a UserError or OSError -> one line, exit 2 (a DataLoad
         if dist.is_initialized():
             dist.destroy_process_group()
 
-def ddp_setup():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+def ddp_setup():  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -408,6 +407,8 @@ def stage_flags(args, preset, stage, given, task, rewards):
     """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule;
     mle_cont (the fair control) copies the reward stage's. A --reward not first in rewards writes reward_<name>/."""
     check_positive(args)
+    if stage == "eval" and args.init:  # eval reads the checkpoints under --out_dir: --init was ignored without a word
+        raise UserError(f"--init {args.init}: --stage eval compares out_dir/{task}/*/ckpt.pt; point --out_dir there")
     if args.reward not in rewards:  # not argparse's choices: a reward added to REWARDS needs no second edit
         raise UserError(f"--reward {args.reward}: not in REWARDS ({', '.join(rewards)})")
     args.reward_dir = "reward" if args.reward == next(iter(rewards)) else f"reward_{args.reward}"
@@ -638,8 +639,7 @@ def pretrain_encoder(args, task, cfg, scenes, device, rank, world):
     return raw
 
 # ---- pictures: a grid of labelled panels (every eval writes one) -----------------------------------------------------
-def save_grid(rows, titles, path, scale=4):
-    """rows: list of lists of PIL images of one size; titles: one per column."""
+def save_grid(rows, titles, path, scale=4):  # rows: lists of PIL images of one size; titles: one per column
     w, h = rows[0][0].width * scale, rows[0][0].height * scale
     grid = Image.new("RGB", (w * len(titles), 14 + h * len(rows)), "white")
     for j, t in enumerate(titles):

@@ -67,6 +67,11 @@ def refused(monkeypatch, mod, argv, match):
     (colorize, ["--stage", "oracle", "--oracle_flags", "--depth 0"], r"--depth 0: must be > 0"),
     (colorize, ["--stage", "oracle", "--oracle_flags", "--heads 3"], r"--heads dividing --width \(got 3, 64\)"),
     (panoptic, ["--stage", "oracle", "--oracle_flags", "--pixel -1"], r"--pixel >= 0 \(got -1\)"),
+    # --init with eval: eval compares the checkpoints under --out_dir, and ignored --init without a word
+    (caption, ["--stage", "eval", "--init", "/some/ckpt.pt"], r"--init /some/ckpt.pt: --stage eval compares"),
+    # stage II's ViT patch must divide the oracle's images: it was refused only after stage I had trained
+    (panoptic, ["--stage", "all", "--patch", "5"], r"stage II's ViT patch 5 .* image size 32"),
+    (colorize, ["--stage", "all", "--model", "S/5"], r"stage II's ViT patch 5 .* image size 32"),
     # a reward name not in REWARDS (no argparse choices: a reward added to REWARDS needs no second edit), before stage I
     (detect, ["--stage", "all", "--reward", "nope"], r"--reward nope: not in REWARDS \(map, recall\)$"),
     (panoptic, ["--stage", "all", "--reward", "map"], r"--reward map: not in REWARDS \(pq\)$"),
