@@ -345,16 +345,16 @@ def save_ckpt(path, **obj):  # atomic: a kill mid-write leaves the previous chec
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def torch_load(path):
+def torch_load(path, mmap=False):  # mmap (our checkpoints, zip format): ranks share the file's pages, nothing copied
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file" + " (run --stage mle)" * path.endswith(f"{os.sep}mle{os.sep}ckpt.pt"))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:100]})")
 
 def load_ckpt(path, task):
-    ck = torch_load(path)
+    ck = torch_load(path, mmap=True)  # else every rank copies it: ViT-L + AdamW ~8.5 GB, eval reads three
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise UserError(f"{path}: not a rewardtune checkpoint (no model/config)")
     if ck.get("task") != task:

@@ -90,6 +90,18 @@ def test_pixel_head_reads_each_pixels_own_colour():
     assert changed.nonzero().tolist() == [[13, 6]]
 
 
+def test_panoptic_ids_are_one_hot_classes_then_slots():
+    """encode_z makes the (B, C + I, H, W) one-hot of (class, slot) ids itself (by scatter, 1/4 of F.one_hot's memory):
+    the same input to the embedding as one_hot(class) ++ one_hot(slot), channels first."""
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(CFG).eval()
+    ids = torch.stack([torch.randint(0, 4, (2, 32, 32)), torch.randint(0, 3, (2, 32, 32))], 1)  # classes 4, slots 3
+    hot = torch.cat([torch.nn.functional.one_hot(ids[:, 0], 4), torch.nn.functional.one_hot(ids[:, 1], 3)], -1)
+    img = torch.randn(2, 3, 32, 32)
+    assert torch.equal(m.encode_z(ids, img), m.encode_z(hot.permute(0, 3, 1, 2).float(), img))
+    assert not torch.equal(m.encode_z(ids.flip(1).clamp(max=2), img), m.encode_z(ids, img))  # the ids do matter
+
+
 def test_dead_codes_are_restarted_by_splitting_the_most_used():
     m = vqvae.VQVAE(CFG)
     z = torch.nn.functional.normalize(torch.randn(1, 64, 8), dim=-1)
