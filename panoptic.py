@@ -122,9 +122,9 @@ def load_coco(args, split):
                                 for s in a["segments_info"]]) for a in d["annotations"]]
         known = {c["id"] for c in cats}  # and what eval's pq_compute reads: else it fails there, naming our gt.json
         bad = [f"segments with category_id {s['category_id']}, which is not in its categories" for it in items
-               for s in it["segments"] if s["category_id"] not in known] + [f"segment {s}: needs an int id and area, "
-               "iscrowd 0 or 1" for a in d["annotations"] for s in a["segments_info"]
-               if {type(s["id"]), type(s["area"])} != {int} or s.get("iscrowd", 0) not in (0, 1)]
+               for s in it["segments"] if s["category_id"] not in known] + [f"segment {s}: needs an int id, a number "
+               "area, iscrowd 0 or 1" for a in d["annotations"] for s in a["segments_info"] if type(s["id"]) is not int
+               or type(s["area"]) not in (int, float) or s.get("iscrowd", 0) not in (0, 1)]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed COCO panoptic json ({type(e).__name__}: {str(e)[:80]})")
     if bad:

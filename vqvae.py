@@ -309,7 +309,7 @@ def oracle_args(task_args, task):
         raise UserError(f"--image_size {args.image_size} is not a multiple of --patch {args.patch}")
     lm = str(getattr(task_args, "model", "")).partition("/")[2]  # stage II's ViT reads the images at this size:
     lm = int(lm) if lm.isdigit() else getattr(task_args, "patch", None)  # refused here, not after stage I trained
-    if lm and args.image_size % lm:
+    if lm and args.image_size % lm and getattr(task_args, "stage", "") == "all":  # --stage oracle: no stage II yet
         raise UserError(f"stage II's ViT patch {lm} (--patch / --model) does not divide the oracle's image size "
                         f"{args.image_size} (--oracle_flags --image_size)")
     sizes = ("width", "depth", "heads", "codebook", "code_dim") + ("instances",) * (task == "panoptic")  # colorize: 0

@@ -384,7 +384,7 @@ def test_a_malformed_segment_is_refused_at_load_not_at_eval(tmp_path, field, val
         seg[field] = value
     json.dump(d, open(path, "w"))
     args = argparse.Namespace(data="coco", data_dir=str(tmp_path))
-    with pytest.raises(UserError, match=r"panoptic_val.json: (segment .*needs an int id and area, iscrowd 0 or 1|"
+    with pytest.raises(UserError, match=r"panoptic_val.json: (segment .*needs an int id, a number area, iscrowd 0 or 1|"
                                         r"malformed COCO panoptic json \(KeyError: 'area'\))"):
         panoptic.load_coco(args, "val")
     seg[field] = {"id": 5, "area": seg.get("area", 1), "iscrowd": 1}[field]  # the same file, well-formed: loads
