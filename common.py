@@ -246,7 +246,7 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
     """Autoregressive sampling of K sequences per image (temperature 0: greedy) -> tokens (B, K, L) and their log-probs
     (B, K, L) under the model at temperature 1 (what REINFORCE differentiates); after end_token: pad_token, logp 0."""
     B, N, dev, c = images.shape[0], images.shape[0] * k, images.device, model.cfg
-    kv = model.memory_kv(images)
+    kv, noise = model.memory_kv(images), None if noise is None else noise.to(dev)  # once: a copy per token syncs CUDA
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
     logps, ended = torch.zeros(N, seq_len, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
     caches = [torch.empty(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)
@@ -267,14 +267,14 @@ def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noi
                 sp, si = probs.sort(-1, descending=True)
                 probs = probs.scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp >= top_p * sp.sum(-1, keepdim=True), 0))
             cdf = probs.cumsum(-1)
-            u = (noise[:, :, t].reshape(N).to(dev) if noise is not None else torch.rand(N, device=dev))
+            u = (noise[:, :, t].reshape(N) if noise is not None else torch.rand(N, device=dev))
             tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         tok_logp = logp.gather(1, tok[:, None])[:, 0]
         if end_token is not None:
             tok, tok_logp = tok.masked_fill(ended, pad_token), tok_logp.masked_fill(ended, 0.0)
             ended |= tok == end_token
         tokens[:, t + 1], logps[:, t] = tok, tok_logp
-        if end_token is not None and bool(ended.all()):
+        if end_token is not None and (dev.type != "cuda" or t % 16 == 15) and bool(ended.all()):  # CUDA: bool() syncs
             tokens[:, t + 2:] = pad_token
             break
     return tokens[:, 1:].view(B, k, seq_len), logps.view(B, k, seq_len)
