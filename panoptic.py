@@ -579,11 +579,11 @@ def evaluate(args):
         gt_folder = os.path.join(out, "gt")
         write_coco(gt_folder, gt_json, [(i, it["panoptic"].astype(np.uint32), it["segments"])
                                         for i, it in zip(image_ids, items)], va.categories)
-    preds, rows = {"oracle": predict(None, oracle, va, device, n, args.min_segment)}, {}
-    for name, (path, ck) in cks.items():
-        model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)  # the oracle's size
-        preds[name] = predict(model, oracle, va, device, n, args.min_segment)
-    for name, pr in preds.items():
+    preds, rows = {}, {}  # one model at a time, its first 8 kept for the grid (5000 COCO maps at 512 px: ~5 GB)
+    for name in ["oracle", *cks]:
+        path, ck = cks.get(name, (None, None))  # the oracle row: its reconstruction of the ground truth
+        model = common.build_model(ck["config"], device, ck["model"], path, args.image_size) if ck else None
+        pr = predict(model, oracle, va, device, n, args.min_segment)
         pj = os.path.join(out, f"pred_{name}.json")
         full = [sg if "size" not in it else  # back to the original resolution
                 np.asarray(Image.fromarray(sg.astype(np.int32)).resize(it["size"], Image.NEAREST)).astype(np.uint32)
@@ -592,11 +592,11 @@ def evaluate(args):
                                                                if (sg == q).any()])  # resizing may drop a tiny one
                                                           for i, sg, (_, cats) in zip(image_ids, full, pr)])
         res = pq_compute(gt_json, pj, gt_folder, os.path.join(out, f"pred_{name}"))
-        ck = cks[name][1] if name in cks else None
         prior = ck["meta"].get("prior", 0) if ck else 0  # steps e.g. "1500+300"
         rows[name] = dict({g: {k: v if k == "n" else 100 * v for k, v in res[g].items()} for g in GROUPS + SIZES},
                           steps="-" if ck is None else f"{prior}+{ck['step']}" if prior else str(ck["step"]),
                           segments=float(np.mean([len(c) for _, c in pr])), fp_per_image=res["fp_per_image"])
+        preds[name] = pr[:8]
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
     cols = [("PQ", "All", "pq"), ("SQ", "All", "sq"), ("RQ", "All", "rq"), ("PQ things", "Things", "pq"), ("PQ small "
