@@ -128,8 +128,7 @@ def encode(words, stoi, max_len):
     return torch.tensor(ids + [PAD] * (max_len + 1 - len(ids)))
 
 
-def decode(tokens, itos):
-    """Tokens (L,) -> the caption string, up to (not including) EOS."""
+def decode(tokens, itos):  # tokens (L,) -> the caption string, up to (not including) EOS
     t = tokens.tolist()
     return " ".join(itos[x] for x in t[:next((i for i, x in enumerate(t) if x in (EOS, PAD)), len(t))])
 
@@ -224,8 +223,10 @@ def load_coco(args, split):
         else:
             by_id = {im["id"]: dict(id=im["id"], file=os.path.join(args.data_dir, split, im["file_name"]), refs=[])
                      for im in d["images"]}
-            for a in d["annotations"]:
-                by_id[a["image_id"]]["refs"].append(a["caption"] + "")  # + "": not a string is a TypeError
+            for k, a in enumerate(d["annotations"]):  # + "": a caption that is not a string is a TypeError
+                if a["image_id"] not in by_id:  # a filtered subset's stray annotation: name it, not "KeyError: 9"
+                    raise UserError(f"{path}: annotation {k}: image_id {a['image_id']!r} is not in its images")
+                by_id[a["image_id"]]["refs"].append(a["caption"] + "")
             items = list(by_id.values())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed captions json ({type(e).__name__}: {str(e)[:80]})")  # COCO's or Karpathy's
@@ -264,8 +265,7 @@ def collate(batch):
 
 
 # ---- CIDEr-D, vectorized: the reward (df from training references, EOS in the n-grams) and the metric ----------------
-def pad(seqs, length=None):
-    """Lists of ints -> (N, length) int64, -1 outside each sequence."""
+def pad(seqs, length=None):  # lists of ints -> (N, length) int64, -1 outside each sequence
     length = max([len(s) for s in seqs] + [1]) if length is None else length
     out = torch.full((len(seqs), length), -1, dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -331,6 +331,19 @@ def test_karpathy_split_loads(tmp_path):
         caption.load_coco(args, "test")
 
 
+def test_a_stray_annotation_is_named(tmp_path):
+    """A filtered captions json that keeps an annotation of an image it dropped said "(KeyError: 9)"."""
+    write_coco(tmp_path, "val2017")
+    path = tmp_path / "annotations" / "captions_val2017.json"
+    d = json.load(open(path))
+    d["annotations"].append(dict(id=99, image_id=9, caption="a red square"))
+    json.dump(d, open(path, "w"))
+    args = caption.p.parse_args(["--data", "coco", "--data_dir", str(tmp_path)])
+    with pytest.raises(caption.UserError, match=rf"captions_val2017.json: annotation {len(d['annotations']) - 1}: "
+                                                r"image_id 9 is not in its images"):
+        caption.load_coco(args, "val2017")
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path):
     p = run("--data", "coco", "--data_dir", tmp_path / "missing", "--tiny", ok=False)
     assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr
