@@ -184,8 +184,8 @@ class VQVAE(nn.Module):
         if not target.is_floating_point():  # panoptic ids (B, 2, H, W) -> one-hot classes + slots (B, C + I, H, W),
             C, I = self.c["classes"], self.c["instances"]  # floats made here, on the device: 245 MB per COCO image
             idx = torch.stack([target[:, 0], target[:, 1] + C], 1)  # (B, 2, H, W): the pixel's class, C + its slot
-            target = torch.zeros(len(idx), C + I, *idx.shape[2:], device=idx.device).scatter_(1, idx, 1.0)  # not
-            # F.one_hot: int64 (B, H, W, C + I), then permuted: 4x the memory (~1 GB a COCO image at its peak)
+            # scattered, not F.one_hot: that is int64 (B, H, W, C + I), then a permuted copy (~1 GB a COCO image)
+            target = torch.zeros(len(idx), C + I, *idx.shape[2:], device=idx.device).scatter_(1, idx, 1.0)
         x = rearrange(self.embed(target.float()) + self.enc_ctx(image), "b d h w -> b (h w) d")  # (B, g*g, D)
         x = x if self.local else x + self.enc_pos
         for b in self.enc:
