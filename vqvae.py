@@ -25,6 +25,7 @@ loss and report (PQ, PSNR). panoptic.py and colorize.py then use `load(path, tas
 target, image) -> codes (B, 256)`, `decode`, `check_lm`.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -56,7 +57,7 @@ PRESETS = {  # "<data>/<task>"
     # UViM's COCO oracle: 512 px, patch 16 (32 x 32 tokens pooled to 16 x 16 codes), 4096 codes, 100 instances
     "coco/panoptic": dict(image_size=512, patch=16, width=768, depth=6, heads=12, codebook=4096, code_dim=32,
                           instances=100, batch_size=1024, steps=111500, lr=4e-4, warmup=4000, eval_images=5000,
-                          num_train=0, num_val=0, local=False, pixel=0),
+                          num_train=0, num_val=0, local=False, pixel=0, micro_batch=16),
     # real photos (UViM's ImageNet oracle: 512 px, patch 16, ViT-B width, 4096 codes; here a CPU-sized start)
     "folder/colorize": dict(image_size=128, patch=8, width=256, depth=4, heads=8, codebook=1024, code_dim=32,
                             instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
@@ -87,6 +88,8 @@ p.add_argument("--local", action=argparse.BooleanOptionalAction, default=None,
 p.add_argument("--code_dim", type=int, default=None, help="codeword dimension (preset)")
 p.add_argument("--instances", type=int, default=None, help="instance slots of the panoptic output (COCO: 100; preset)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch (preset)")
+p.add_argument("--micro_batch", type=int, default=None, help="gradient-accumulation micro-batch a process (0: whole; "
+               "the codebook moves once per step either way; preset: COCO 16)")
 p.add_argument("--steps", type=int, default=None, help="training steps (preset)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine schedule; preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (preset)")
@@ -167,6 +170,7 @@ class VQVAE(nn.Module):
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
         self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank, checkpointed
+        self.pending = []  # this step's (z, codes) so far
 
     def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); g <= 16: each code its own vector
         x = rearrange(x, "b (h w) d -> b d h w", h=self.g)  # the token grid
@@ -217,14 +221,14 @@ class VQVAE(nn.Module):
         z = self.encode_z(target, image)
         codes = self.quantize(z)
         q = z + (self.codewords()[codes] - z).detach()  # forward: the unit codeword; backward: to z
-        if self.training:
-            self.ema_update(z.detach(), codes)
+        if self.training:  # the codebook moves once per step, on every micro-batch's vectors: train() calls ema_update
+            self.pending.append((z.detach().float(), codes))
             if drop is not None:  # UViM code dropout: keep (1 - u) of the 256 codes; drop: u (B, 1), U(0, 1) (B, 256)
                 q = q * (drop[1].to(z.device) >= drop[0].to(z.device))[..., None]
         return self.decode_codes(q, image), codes
 
     @torch.no_grad()
-    def ema_update(self, z, codes, decay=0.995, min_count=0.1):
+    def ema_update(self, z, codes, decay=0.995, min_count=0.1):  # -> codewords the global batch used
         onehot = F.one_hot(codes.flatten(), self.c["codebook"]).to(z.dtype)  # (B*256, K)
         counts, sums = onehot.sum(0), onehot.T @ z.flatten(0, 1)
         if dist.is_initialized():  # global batch statistics: every rank keeps the same codebook
@@ -240,6 +244,7 @@ class VQVAE(nn.Module):
             self.sums[hi] /= 2  # (exact: a power of two)
             self.sums[lo] = self.sums[hi] * noise
             self.counts[lo] = self.counts[hi] = self.counts[hi] / 2
+        return int((counts > 0).sum())
 
 
 def allowed_tokens(codebook, device):
@@ -328,7 +333,8 @@ def trained(args):
     if not os.path.exists(path):
         return False
     ck = common.load_ckpt(path, f"vqvae_{args.task}")
-    ignored = ("task", "data_dir", "out_dir", "resume", "compile", "log_every", "ckpt_every", "eval_images", "workers")
+    ignored = ("task", "data_dir", "out_dir", "resume", "compile", "log_every", "ckpt_every", "eval_images", "workers",
+               "micro_batch")  # the same run at any micro-batch
     if diff := [k for k, v in ck["args"].items() if k not in ignored and vars(args).get(k, v) != v]:
         raise UserError(f"{path}: an oracle of other flags {diff}: --stage oracle retrains it (or another --out_dir)")
     if ck["step"] < args.steps:
@@ -367,21 +373,29 @@ def train(args, tr, va, output, loss_fn, report):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     log = common.Logger(out, rank == 0, resume=start)
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
+    b = args.batch_size // world
+    if (mb := args.micro_batch or b) < 0 or b % mb:  # unequal parts: unequal weights
+        raise UserError(f"--micro_batch {mb}: must be 0 (whole) or divide the per-process batch {b}")
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
     t0 = time.time()
     for step, (idx, ctx, target, *extra) in enumerate(tqdm(loader, disable=rank > 0, initial=start,
                                                            total=args.steps, desc="vqvae"), start):
         common.set_lr(opt, step, args.lr, args.warmup, args.steps, "cosine")
         ctx, target, extra = ctx.to(device), target.to(device), [e.to(device) for e in extra]
-        drop, b = None, len(idx)
+        drop = None
         if args.code_dropout:  # the global batch's draws, this rank's rows: N processes drop as 1 process does
             g = torch.Generator().manual_seed(args.seed * 7919 + step)
             drop = [torch.rand(b * world, n, generator=g)[rank * b:(rank + 1) * b] for n in (1, 256)]
 
-        def micro():
-            logits, codes = model(target, ctx, drop)
-            return loss_fn(logits, target, *extra), dict(used=codes.unique().numel())
-        stats = common.train_step(model, opt, args, [micro], world)
+        def micro(i):  # rows i:i+mb of this rank's batch (COCO: 245 MB of one-hot an image, and its activations)
+            x = lambda t: t[i:i + mb]  # noqa: E731
+            with common.autocast(device):
+                logits, _ = model(x(target), x(ctx), drop and [x(d) for d in drop])
+                return loss_fn(logits, x(target), *map(x, extra)), {}
+        stats = common.train_step(model, opt, args, [functools.partial(micro, i) for i in range(0, b, mb)], world)
+        z, codes = (torch.cat(v) for v in zip(*raw.pending))
+        raw.pending.clear()
+        stats["used"] = raw.ema_update(z, codes)  # after the step, as the forward used the codebook before it
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log(step + 1, lr=opt.param_groups[0]["lr"], s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):

@@ -193,3 +193,21 @@ def test_tiny_oracle_stage_then_every_stage(tmp_path):
     for stage in ["eval", "reward"]:
         p = run("panoptic.py", "--stage", stage, "--oracle", str(tmp_path / "other.pt"))
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and "made with another oracle" in p.stderr
+
+
+def test_micro_batches_train_the_oracle_as_the_whole_batch_does(tmp_path):
+    """--micro_batch (COCO's one-hot does not fit a whole batch): the same codes, codebook and weights as one batch of
+    8 (vqvae.TINY); the codebook moves once a step, not once a micro-batch."""
+    def oracle(m):
+        p = subprocess.run([sys.executable, "panoptic.py", "--stage", "oracle", "--tiny", "--out_dir",
+                            str(tmp_path / m), "--oracle_flags", f"--micro_batch {m} --steps 5"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return torch.load(tmp_path / m / "vqvae_panoptic" / "ckpt.pt", weights_only=True)["model"]
+    whole, parts = oracle("0"), oracle("2")
+    assert torch.equal(whole["counts"], parts["counts"])  # the same codes were counted, with one decay a step
+    for k, v in whole.items():
+        assert torch.allclose(v, parts[k], rtol=0, atol=1e-5 * float(v.abs().max())), k
+    p = subprocess.run([sys.executable, "panoptic.py", "--stage", "oracle", "--tiny", "--out_dir", str(tmp_path / "3"),
+                        "--oracle_flags", "--micro_batch 3"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "divide the per-process batch 8" in p.stderr
