@@ -63,7 +63,7 @@ PRESETS = {  # "<data>/<task>"
                             instances=0, batch_size=64, steps=20000, lr=4e-4, warmup=1000, eval_images=500,
                             num_train=0, num_val=500, local=False, pixel=0)}
 TINY = dict(image_size=32, patch=2, width=64, depth=1, heads=4, codebook=64, batch_size=8, steps=30, warmup=5,
-            eval_images=16, num_train=64, num_val=16)  # any --data: the tiny model and resolution
+            eval_images=16, num_train=64, num_val=16, micro_batch=0)  # any --data: the tiny model and resolution
 # flags the task scripts share with their oracle stage; every other flag comes through their --oracle_flags
 SHARED = ("data", "data_dir", "train_split", "val_split", "out_dir", "seed", "resume", "tiny", "workers", "compile")
 
