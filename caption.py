@@ -67,7 +67,7 @@ p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm
                "out_dir/caption/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 512; preset)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes (preset)")
-p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch: training, eval (0: whole / 128)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
@@ -458,12 +458,12 @@ def human_metrics(items):
 
 
 @torch.no_grad()
-def evaluate_model(model, ds, meta, device, n_images, batch_size=128):
+def evaluate_model(model, ds, meta, device, n_images, micro_batch=0):  # 0: 128
     """Greedy captions of the first n_images -> (caption_metrics, [{"image_id", "caption"}] (COCO results format))."""
     model.eval()
     allowed = grammar(len(meta["itos"]), meta["max_len"]).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
-                                         batch_size=batch_size, collate_fn=collate)
+                                         batch_size=micro_batch or 128, collate_fn=collate)
     out = []
     for idx, imgs in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         tok, _ = common.sample(model, imgs.to(device), meta["max_len"] + 1, temperature=0, allowed=allowed,
@@ -560,7 +560,7 @@ def train(args, stage):
         if master and ((step + 1) % args.ckpt_every == 0 or done):
             common.save_stage(path, "caption", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
-            m = evaluate_model(raw, va, meta, device, args.eval_images)[0]
+            m = evaluate_model(raw, va, meta, device, args.eval_images, args.micro_batch)[0]
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_end_stage()
@@ -595,7 +595,7 @@ def evaluate(args):
     rows, preds = {}, {}
     for name, (path, ck) in cks.items():
         model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
-        m, res = evaluate_model(model, va, ck["meta"], device, args.eval_images)
+        m, res = evaluate_model(model, va, ck["meta"], device, args.eval_images, args.micro_batch)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
         with open(os.path.join(out, f"captions_{name}.json"), "w") as f:

@@ -78,7 +78,7 @@ p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM
 p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
                "out_dir/colorize/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes (preset)")
-p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch for accumulation (0: whole)")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch: training, eval (0: whole / 50)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
@@ -363,12 +363,12 @@ def segment_maps(ds, n):
 
 
 @torch.no_grad()
-def predict(model, oracle, ds, device, n_images, temperature, top_p, seed, batch_size=50):
+def predict(model, oracle, ds, device, n_images, temperature, top_p, seed, micro_batch=0):  # 0: 50
     """Colourings of the first n_images (N, 3, S, S) in [0, 1], with the true colours; sampling noise is a
     function of (seed, image index) only, so every model is evaluated on the same draws."""
     model.eval()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
-                                         batch_size=batch_size)
+                                         batch_size=micro_batch or 50)
     out, truth = [], []
     allowed = vqvae.allowed_tokens(model.cfg["vocab"] - 1, device)
     for idx, gray, rgb in tqdm(loader, desc="eval", leave=False):  # rank 0 only
@@ -496,7 +496,7 @@ def train(args, stage):
             common.save_stage(path, "colorize", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
             pred, truth = predict(raw, oracle, va, device, args.eval_images, args.eval_temperature, args.top_p,
-                                  args.seed)
+                                  args.seed, args.micro_batch)
             m = summarize(image_metrics(pred, truth, segment_maps(va, len(pred))))
             log(step + 1, **{f"val_{k}": v for k, v in m.items() if v is not None})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
@@ -522,7 +522,8 @@ def evaluate(args):
     imgs, steps = {}, {}
     for name, (path, ck) in cks.items():
         model = common.build_model(ck["config"], device, ck["model"], path, args.image_size)
-        imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.top_p, args.seed)
+        imgs[name], truth = predict(model, oracle, va, device, n, args.eval_temperature, args.top_p, args.seed,
+                                        args.micro_batch)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "1500+300" = MLE steps + this stage's
         steps[name] = f"{prior}+{ck['step']}" if prior else str(ck["step"])
     with torch.no_grad():  # the oracle's own reconstruction: the ceiling of any code sequence

@@ -73,7 +73,7 @@ p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm
 p.add_argument("--image_size", type=int, default=None, help="square input resolution (paper: 1280; preset)")
 p.add_argument("--max_boxes", type=int, default=None, help="box slots per sequence, 6 tokens each (COCO: 100; preset)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch, split over processes (preset)")
-p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch: training, eval (0: whole / 128)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
@@ -353,14 +353,14 @@ def box_score(p, p2):
 
 
 @torch.no_grad()
-def predict(model, ds, meta, device, n_images, batch_size=128):
+def predict(model, ds, meta, device, n_images, micro_batch=0):  # 0: 128 (1280 px COCO: less)
     """Greedy decoding -> COCO results, mean reward of the greedy prediction, boxes per image, scored by box_score
     (P(conf 2) read by one teacher-forced pass over the greedy sequence; the sampled slot holds the constant 2)."""
     model.eval()
     nc, L = len(meta["classes"]), meta["max_boxes"] * 6
     allowed, read = grammar(meta["max_boxes"], nc, (2,)).to(device), grammar(meta["max_boxes"], nc).to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))),
-                                         batch_size=batch_size, collate_fn=collate)
+                                         batch_size=micro_batch or 128, collate_fn=collate)
     results, rewards, nboxes, tokens_all, scores = [], [], [], [], []
     for idx, imgs, boxes, labels in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         imgs = imgs.to(device)
@@ -423,10 +423,10 @@ def coco_eval(gt, results, img_ids):
     return dict(AP=100 * E.stats[0], AP50=100 * E.stats[1], AP75=100 * E.stats[2], AR100=100 * E.stats[8])
 
 
-def evaluate_model(model, ds, gts, meta, device, n_images):
+def evaluate_model(model, ds, gts, meta, device, n_images, micro_batch=0):
     """Greedy predictions scored against the annotations (the headline: what a COCO user measures) and, on the
     synthetic world, against the truth: flat metrics, the truth's prefixed truth_."""
-    res, r, nb, tok, score = predict(model, ds, meta, device, n_images)
+    res, r, nb, tok, score = predict(model, ds, meta, device, n_images, micro_batch)
     items = ds.items[:min(n_images, len(ds))]
     m = dict(reward=r, boxes_per_image=nb)
     for name, gt in gts.items():
@@ -440,8 +440,7 @@ def evaluate_model(model, ds, gts, meta, device, n_images):
 # ---- stages ----------------------------------------------------------------------------------------------------------
 def fits(ck, path, **want):
     """A checkpoint made for other data or flags stops here, in one line, not in a shape error deep in the model."""
-    bad = [f"{k} {ck['config'][k]} (this run: {v})" for k, v in want.items() if ck["config"][k] != v]
-    if bad:
+    if bad := [f"{k} {ck['config'][k]} (this run: {v})" for k, v in want.items() if ck["config"][k] != v]:
         raise UserError(f"{path}: a model for other data or flags: {', '.join(bad)}")
     return ck
 
@@ -545,7 +544,7 @@ def train(args, stage):
         if master and ((step + 1) % args.ckpt_every == 0 or done):
             common.save_stage(path, "detect", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
-            m = evaluate_model(raw, va, gt, meta, device, args.eval_images)[0]  # gt: annotations (+ truth)
+            m = evaluate_model(raw, va, gt, meta, device, args.eval_images, args.micro_batch)[0]  # gt: (+ truth)
             log(step + 1, **{f"val_{k}": v for k, v in m.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_end_stage()
@@ -578,7 +577,8 @@ def evaluate(args):
     for name, (path, ck) in common.eval_checkpoints(args.out_dir, "detect").items():
         fits(ck, path, vocab=CLS0 + len(meta["classes"]) + 1, image_size=args.image_size)  # max_boxes: from its meta
         model = common.build_model(ck["config"], device, ck["model"], path)
-        m, res, _ = evaluate_model(model, va, gt, dict(ck["meta"], reward=args.reward), device, args.eval_images)
+        m, res, _ = evaluate_model(model, va, gt, dict(ck["meta"], reward=args.reward), device, args.eval_images,
+                                   args.micro_batch)
         prior = ck["meta"].get("prior", 0)  # e.g. reward: "2500+300" = MLE steps + this stage's
         rows[name], preds[name] = dict(m, steps=f"{prior}+{ck['step']}" if prior else str(ck["step"])), res
         with open(os.path.join(out, f"results_{name}.json"), "w") as f:

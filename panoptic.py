@@ -69,7 +69,7 @@ p.add_argument("--dec_layers", type=int, default=None, help="decoder depth (UViM
 p.add_argument("--init_encoder", default="", help="mle stage's ViT weights: timm naming or encoder.pt (default: "
                "out_dir/panoptic/encoder/encoder.pt of --stage encoder, if it exists)")
 p.add_argument("--batch_size", type=int, default=None, help="global batch of images, split over processes (preset)")
-p.add_argument("--micro_batch", type=int, default=0, help="gradient-accumulation micro-batch (0, encoder stage: none)")
+p.add_argument("--micro_batch", type=int, default=0, help="per-process micro-batch: training, eval (0: whole / 50)")
 p.add_argument("--steps", type=int, default=None, help="steps of this stage (preset; mle_cont: the reward stage's)")
 p.add_argument("--lr", type=float, default=None, help="peak learning rate of this stage (preset)")
 p.add_argument("--warmup", type=int, default=None, help="linear warmup steps of this stage (preset)")
@@ -370,11 +370,11 @@ def pq_compute(gt_json_file, pred_json_file, gt_folder=None, pred_folder=None):
 
 # ---- eval: greedy codes -> segments; PQ in memory while training, through files (COCO panoptic format) at eval -------
 @torch.no_grad()
-def predict(model, oracle, ds, device, n_images, min_segment, batch_size=50):
+def predict(model, oracle, ds, device, n_images, min_segment, micro_batch=0):  # 0: 50
     """Greedy segmentations of the first n_images -> [(segment index (S, S) uint32, {index: category id})].
     model None: the oracle's reconstruction of the ground truth (the ceiling of any code sequence)."""
     out, allowed = [], vqvae.allowed_tokens(oracle.c["codebook"], device)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))), batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(n_images, len(ds)))), micro_batch or 50)
     for idx, img, target, *_ in tqdm(loader, desc="eval", leave=False):  # rank 0 only
         img = img.to(device)
         if model is None:  # outside autocast: exactly the codes MLE trains on
@@ -395,8 +395,7 @@ def as_segments(seg, cat, categories):
 
 
 def pq_in_memory(preds, ds):
-    """PQ (in %, pq_compute's structure) against the ground truth at the model's resolution: a fast check
-    while training; the eval stage scores files at the original resolution with pq_compute."""
+    """PQ (in %, pq_compute's structure) at the model's resolution: training's check (eval: pq_compute on files)."""
     stats, cats = {}, {c["id"]: c for c in ds.categories}
     for i, (sg, pc) in enumerate(preds):
         s = ds.scene(i)
@@ -525,7 +524,8 @@ def train(args, stage):
         if master and ((step + 1) % args.ckpt_every == 0 or done):
             common.save_stage(path, "panoptic", raw, opt, step + 1, args, meta)
         if master and ((args.eval_every and (step + 1) % args.eval_every == 0) or done):
-            res = pq_in_memory(predict(raw, oracle, va, device, args.eval_images, args.min_segment), va)
+            res = pq_in_memory(predict(raw, oracle, va, device, args.eval_images, args.min_segment,
+                                       args.micro_batch), va)
             log(step + 1, **{f"val_{g}_{k}": v for g, d in res.items() for k, v in d.items()})
     log(args.steps, quiet=True, replica_checksums=common.replica_checksums(raw))  # DDP kept ranks in sync?
     common.ddp_end_stage()
@@ -583,7 +583,7 @@ def evaluate(args):
     for name in ["oracle", *cks]:
         path, ck = cks.get(name, (None, None))  # the oracle row: its reconstruction of the ground truth
         model = common.build_model(ck["config"], device, ck["model"], path, args.image_size) if ck else None
-        pr = predict(model, oracle, va, device, n, args.min_segment)
+        pr = predict(model, oracle, va, device, n, args.min_segment, args.micro_batch)
         pj = os.path.join(out, f"pred_{name}.json")
         full = [sg if "size" not in it else  # back to the original resolution
                 np.asarray(Image.fromarray(sg.astype(np.int32)).resize(it["size"], Image.NEAREST)).astype(np.uint32)

@@ -363,3 +363,25 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_micro_batch_bounds_the_eval_batch_and_changes_no_prediction(monkeypatch):
+    """--micro_batch is also eval's batch (a COCO eval at 1280 px does not fit 128 images): 5 images in batches of
+    2, 2, 1 give the greedy boxes, scores and rewards of one batch of 5."""
+    items, _, _ = detect.load_synthetic("val", 5, 32, 0)
+    names = [c["name"] for c in common.CATEGORIES]
+    meta = dict(classes=names, cat_ids=[c["id"] for c in common.CATEGORIES], max_boxes=4, reward="map",
+                class_weights=[1.0] * len(names))
+    nc = len(names)
+    torch.manual_seed(0)
+    model = common.build_model(common.model_config("tiny", 32, detect.CLS0 + nc + 1, 24, detect.CLS0 + nc, 1, 8),
+                               "cpu")
+    sizes, sample = [], common.sample
+    monkeypatch.setattr(common, "sample", lambda m, imgs, *a, **k: sizes.append(len(imgs)) or sample(m, imgs, *a, **k))
+    whole = detect.predict(model, detect.Boxes(items, 32), meta, "cpu", 5)
+    parts = detect.predict(model, detect.Boxes(items, 32), meta, "cpu", 5, micro_batch=2)
+    assert sizes == [5, 2, 2, 1]
+    res, r, nb, tok, score = whole
+    assert len(res) > 0 and torch.equal(tok, parts[3])  # the same greedy tokens: the same boxes
+    assert [x["bbox"] for x in res] == [x["bbox"] for x in parts[0]]
+    assert torch.allclose(score, parts[4], atol=1e-5) and (r, nb) == pytest.approx(parts[1:3], abs=1e-6)
