@@ -46,8 +46,7 @@ def ddp_setup():  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them t
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         device = f"cuda:{local}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(device)
+        torch.cuda.set_device(device) if cuda else None
         if not dist.is_initialized():  # one group for all stages; 1 h: others wait while rank 0 evals (NCCL: 10 min)
             dist.init_process_group("nccl" if cuda else "gloo", timeout=2 * dist.default_pg_timeout)
     else:
@@ -429,8 +428,7 @@ def stage_flags(args, preset, stage, given, task, rewards):
                         "log p is then biased towards the tempered policy whatever the reward; use a baseline or T 1")
 
 def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
-    """Model, optimizer, --resume and DDP for one training stage. The raw model is for sampling,
-    eval and saving; the wrapped one for the forward with grad."""
+    """Model, optimizer, --resume, DDP of a stage: the raw model samples, evaluates, saves; the wrapped one trains."""
     path = os.path.join(args.out_dir, task, args.reward_dir if stage == "reward" else stage, "ckpt.pt")
     start, opt_state, b, init = 0, None, args.batch_size // world, os.path.join(args.out_dir, task, "mle", "ckpt.pt")
     if args.micro_batch < 0 or args.micro_batch and b % args.micro_batch:  # unequal parts: unequal weights
@@ -509,22 +507,24 @@ def open_rgb(item):  # an item's image as a PIL RGB image: the synthetic world's
     except OSError as e:  # readable() checked a PNG's chunks, not its pixels
         raise UserError(f"{item['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
 
+@functools.lru_cache(maxsize=None)  # --stage all loads the data at every stage: a file is read once a process
+def decodes(f, size):  # the file decodes, and has the annotated size (w, h) if one is given (else: EXIF rotation?)
+    try:
+        with Image.open(f) as im:
+            if size and im.size != size:
+                return False
+            if im.format == "JPEG":  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
+                im.draft("RGB", (1, 1))
+                im.load()
+                return True
+            return im.verify() is None  # PNG: checks every chunk's CRC
+    except Exception:
+        return False
+
 def readable(items, what):
     """Real data: drop items whose "file" / "png" do not decode or differ from "size" (EXIF rotation?), with a count."""
-    def decodes(f, size):
-        try:
-            with Image.open(f) as im:
-                if size and im.size != tuple(size):
-                    return False
-                if im.format == "JPEG":  # verify() skips JPEG's pixels: a 1/8-size decode reads every byte (0.4 ms)
-                    im.draft("RGB", (1, 1))
-                    im.load()
-                    return True
-                return im.verify() is None  # PNG: checks every chunk's CRC
-        except Exception:
-            return False
-    ok = [it for it in items if all(os.path.isfile(it[k]) and decodes(it[k], it.get("size"))  # a FIFO: open blocks
-                                    for k in ("file", "png") if k in it)]
+    ok = [it for it in items if all(os.path.isfile(it[k]) and decodes(it[k], tuple(it.get("size") or ()))
+                                    for k in ("file", "png") if k in it)]  # isfile: open would block on a FIFO
     if bad := len(items) - len(ok):  # not fatal in big data
         print0(f"warning: {what}: skipped {bad} of {len(items)} images: unreadable, or not of their annotated size")
     if not ok:

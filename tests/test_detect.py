@@ -385,3 +385,19 @@ def test_micro_batch_bounds_the_eval_batch_and_changes_no_prediction(monkeypatch
     assert len(res) > 0 and torch.equal(tok, parts[3])  # the same greedy tokens: the same boxes
     assert [x["bbox"] for x in res] == [x["bbox"] for x in parts[0]]
     assert torch.allclose(score, parts[4], atol=1e-5) and (r, nb) == pytest.approx(parts[1:3], abs=1e-6)
+
+
+def test_each_file_is_checked_once_a_process(tmp_path, monkeypatch, capsys):
+    """--stage all loads the data at every stage (COCO: 118k files, ~1.6 ms each, every rank): the second load reads
+    no file again, and keeps and skips the same images, with the same warning."""
+    Image.new("RGB", (8, 6)).save(tmp_path / "ok.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "turned.png")  # annotated 6 x 8: skipped
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    load = lambda: [dict(id=i, file=str(tmp_path / n), size=s) for i, (n, s) in enumerate(  # noqa: E731
+        [("ok.png", [8, 6]), ("turned.png", [6, 8]), ("bad.jpg", None)])]
+    opened, real = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda f, *a: opened.append(f) or real(f, *a))
+    first, second = common.readable(load(), "t"), common.readable(load(), "t")
+    assert first == second == load()[:1] and sorted(opened) == sorted(str(tmp_path / n) for n in
+                                                                   ["ok.png", "turned.png", "bad.jpg"])
+    assert capsys.readouterr().out.count("skipped 2 of 3 images") == 2
