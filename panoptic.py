@@ -104,7 +104,7 @@ MAX_SEGMENTS = 100  # ground-truth segments per image the reward reads (COCO has
 
 def load_coco(args, split):
     """annotations/panoptic_<split>.json, annotations/panoptic_<split>/*.png, <split>/ images -> items
-    {id, file, png, size, segments} and the categories; unreadable images are skipped with a count."""
+    {id, file, png, size, segments, ann (held-out only: eval's gt.json)} and the categories; unreadable: skipped."""
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir}: no such directory")
     path = os.path.join(args.data_dir, "annotations", f"panoptic_{split}.json")
@@ -115,9 +115,9 @@ def load_coco(args, split):
             d = json.load(f)
         cats = [dict(id=c["id"], name=c["name"], isthing=c["isthing"]) for c in d["categories"]]
         ims = {im["id"]: im for im in d["images"]}
-        items = [dict(id=a["image_id"], file=os.path.join(args.data_dir, split, ims[a["image_id"]]["file_name"]),
+        items = [dict(id=(im := ims[a["image_id"]])["id"], file=os.path.join(args.data_dir, split, im["file_name"]),
                       png=os.path.join(args.data_dir, "annotations", f"panoptic_{split}", a["file_name"]),
-                      size=(ims[a["image_id"]]["width"], ims[a["image_id"]]["height"]), ann=a,
+                      size=(im["width"], im["height"]), ann=a if split == args.val_split else None,
                       segments=[dict(id=s["id"], category_id=s["category_id"], iscrowd=s.get("iscrowd", 0))
                                 for s in a["segments_info"]]) for a in d["annotations"]]
         known = {c["id"] for c in cats}  # and what eval's pq_compute reads: else it fails there, naming our gt.json

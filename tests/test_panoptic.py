@@ -335,7 +335,11 @@ def test_coco_panoptic_fixture_loads_trains_and_evaluates(tmp_path):
 def test_scenes_map_category_ids_to_classes_and_crowd_to_void(tmp_path):
     write_coco_panoptic(tmp_path, "val", [(45, 31), (40, 40)])  # the last one has stuff only
     import argparse
-    items, cats = panoptic.load_coco(argparse.Namespace(data_dir=str(tmp_path)), "val")
+    items, cats = panoptic.load_coco(argparse.Namespace(data_dir=str(tmp_path), val_split="val"), "val")
+    # only the held-out split keeps each image's json entry (eval's gt.json); COCO's 118k training ones would stay
+    # in every rank's and worker's memory
+    assert items[0]["ann"]["segments_info"] and panoptic.load_coco(argparse.Namespace(
+        data_dir=str(tmp_path), val_split="val2017"), "val")[0][0]["ann"] is None
     ds = panoptic.Scenes(items, cats, 8, 45)  # resize to 45 x 45
     i, img, target, sem, inst, gt, gt_cat, crowd = ds[0]
     assert img.shape == (3, 45, 45) and torch.equal(target, torch.stack([sem, inst]))
@@ -383,7 +387,7 @@ def test_a_malformed_segment_is_refused_at_load_not_at_eval(tmp_path, field, val
     else:
         seg[field] = value
     json.dump(d, open(path, "w"))
-    args = argparse.Namespace(data="coco", data_dir=str(tmp_path))
+    args = argparse.Namespace(data="coco", data_dir=str(tmp_path), val_split="val")
     with pytest.raises(UserError, match=r"panoptic_val.json: (segment .*needs an int id, a number area, iscrowd 0 or 1|"
                                         r"malformed COCO panoptic json \(KeyError: 'area'\))"):
         panoptic.load_coco(args, "val")
