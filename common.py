@@ -398,8 +398,8 @@ CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optim
 def check_positive(args):  # counts, intervals, lr, T, decoder depth: 0 breaks or trains nothing (None: preset)
     names = "lr steps batch_size samples ckpt_every log_every eval_images temperature dec_layers patch image_size"
     names += " num_train num_val" * (getattr(args, "data", "") == "synthetic")  # real data's presets: 0 = unused
-    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith("max_") or k in names.split())
-               and v is not None and v <= 0]:
+    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith(("max_", "micro_")) or k in names.split())
+               and v is not None and v <= -(k == "micro_batch")]:  # --micro_batch 0: the whole batch
         raise UserError(f"{', '.join(bad)}: must be > 0")
 
 def stage_flags(args, preset, stage, given, task, rewards):
@@ -431,7 +431,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
     """Model, optimizer, --resume, DDP of a stage: the raw model samples, evaluates, saves; the wrapped one trains."""
     path = os.path.join(args.out_dir, task, args.reward_dir if stage == "reward" else stage, "ckpt.pt")
     start, opt_state, b, init = 0, None, args.batch_size // world, os.path.join(args.out_dir, task, "mle", "ckpt.pt")
-    if args.micro_batch < 0 or args.micro_batch and b % args.micro_batch:  # unequal parts: unequal weights
+    if args.micro_batch and b % args.micro_batch:  # unequal parts: unequal weights (< 0: check_positive)
         raise UserError(f"--micro_batch {args.micro_batch}: must be 0 (whole) or divide the per-process batch {b}")
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
@@ -507,7 +507,7 @@ def open_rgb(item):  # an item's image as a PIL RGB image: the synthetic world's
     except OSError as e:  # readable() checked a PNG's chunks, not its pixels
         raise UserError(f"{item['file']}: unreadable image ({type(e).__name__}: {str(e)[:80]})")
 
-@functools.lru_cache(maxsize=None)  # --stage all loads the data at every stage: a file is read once a process
+@functools.lru_cache(maxsize=1 << 18)  # --stage all loads the data at each stage: a file is read once (COCO's 250k)
 def decodes(f, size):  # the file decodes, and has the annotated size (w, h) if one is given (else: EXIF rotation?)
     try:
         with Image.open(f) as im:

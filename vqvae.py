@@ -170,7 +170,6 @@ class VQVAE(nn.Module):
         self.register_buffer("sums", torch.randn(c["codebook"], c["code_dim"]) / c["codebook"] ** 0.5)
         self.register_buffer("counts", torch.ones(c["codebook"]))
         self.gen = torch.Generator().manual_seed(0)  # dead-code restart noise: the same on every rank, checkpointed
-        self.pending = []  # this step's (z, codes) so far
 
     def codes_of(self, x):  # tokens (B, g*g, D) -> (B, 256, code_dim); g <= 16: each code its own vector
         x = rearrange(x, "b (h w) d -> b d h w", h=self.g)  # the token grid
@@ -194,14 +193,15 @@ class VQVAE(nn.Module):
         x = x if self.local else x + self.enc_pos
         for b in self.enc:
             x = x + b(x) if self.local else b(x)
-        z = self.codes_of(self.enc_ln(x))
+        z = self.codes_of(self.enc_ln(x)).float()  # standardized and quantized in fp32, also under autocast
         return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
 
     def codewords(self):
         return F.normalize(self.sums / self.counts[:, None], dim=-1)
 
     def quantize(self, z):  # nearest codeword by cosine similarity -> codes (B, 256)
-        return (F.normalize(z, dim=-1) @ self.codewords().T).argmax(-1)
+        with torch.autocast(z.device.type, enabled=False):  # bf16 (3 digits) would tie near codewords: the codes
+            return (F.normalize(z, dim=-1) @ self.codewords().T).argmax(-1)  # of training = encode()'s
 
     def decode_codes(self, q, image):  # q (B, 256, code_dim) code vectors -> logits (B, out_chans, H, W)
         g, p = self.g, self.c["patch"]
@@ -217,15 +217,14 @@ class VQVAE(nn.Module):
         return rearrange(y, "b h w c i j -> b c (h i) (w j)")
 
     def forward(self, target, image, drop=None):
-        """Training pass: straight-through quantization, EMA codebook update, code dropout."""
+        """Training pass: straight-through quantization, code dropout -> logits, codes, z (train() moves the codebook
+        by every micro-batch's codes and z at once, after the step)."""
         z = self.encode_z(target, image)
         codes = self.quantize(z)
         q = z + (self.codewords()[codes] - z).detach()  # forward: the unit codeword; backward: to z
-        if self.training:  # the codebook moves once per step, on every micro-batch's vectors: train() calls ema_update
-            self.pending.append((z.detach().float(), codes))
-            if drop is not None:  # UViM code dropout: keep (1 - u) of the 256 codes; drop: u (B, 1), U(0, 1) (B, 256)
-                q = q * (drop[1].to(z.device) >= drop[0].to(z.device))[..., None]
-        return self.decode_codes(q, image), codes
+        if self.training and drop is not None:  # UViM code dropout: keep (1 - u) of the codes: u (B, 1), U (B, 256)
+            q = q * (drop[1].to(z.device) >= drop[0].to(z.device))[..., None]
+        return self.decode_codes(q, image), codes, z.detach()
 
     @torch.no_grad()
     def ema_update(self, z, codes, decay=0.995, min_count=0.1):  # -> codewords the global batch used
@@ -390,12 +389,12 @@ def train(args, tr, va, output, loss_fn, report):
         def micro(i):  # rows i:i+mb of this rank's batch (COCO: 245 MB of one-hot an image, and its activations)
             x = lambda t: t[i:i + mb]  # noqa: E731
             with common.autocast(device):
-                logits, _ = model(x(target), x(ctx), drop and [x(d) for d in drop])
+                logits, codes, z = model(x(target), x(ctx), drop and [x(d) for d in drop])
+                seen.append((z, codes))
                 return loss_fn(logits, x(target), *map(x, extra)), {}
+        seen = []  # every micro-batch's (z, codes): the codebook moves once a step, on the whole batch
         stats = common.train_step(model, opt, args, [functools.partial(micro, i) for i in range(0, b, mb)], world)
-        z, codes = (torch.cat(v) for v in zip(*raw.pending))
-        raw.pending.clear()
-        stats["used"] = raw.ema_update(z, codes)  # after the step, as the forward used the codebook before it
+        stats["used"] = raw.ema_update(*(torch.cat(v) for v in zip(*seen)))  # after the step: one codebook a step
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log(step + 1, lr=opt.param_groups[0]["lr"], s_per_step=(time.time() - t0) / (step + 1 - start), **stats)
         if rank == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):

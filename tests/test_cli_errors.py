@@ -52,7 +52,10 @@ def refused(monkeypatch, mod, argv, match):
     (colorize, ["--stage", "oracle", "--oracle_flags", "--log_every 0"], r"--log_every 0: must be > 0"),
     # flags that trained nothing (lr 0, no micro-batch), an LM blind to the image, or crashed deep in numpy / torch
     (panoptic, ["--stage", "mle", "--lr", "0"], r"--lr 0.0: must be > 0"),
-    (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be 0 \(whole\) or divide"),
+    (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be > 0"),
+    (detect, ["--stage", "mle", "--micro_batch", "3"], r"--micro_batch 3: must be 0 \(whole\) or divide"),
+    (caption, ["--stage", "eval", "--micro_batch", "-1"], r"--micro_batch -1: must be > 0"),  # also eval's batch
+    (panoptic, ["--stage", "oracle", "--oracle_flags", "--micro_batch -2"], r"--micro_batch -2: must be > 0"),
     (caption, ["--stage", "mle", "--dec_layers", "0"], r"--dec_layers 0: must be > 0"),
     (detect, ["--stage", "mle", "--patch", "0"], r"--patch 0: must be > 0"),
     (caption, ["--stage", "mle", "--image_size", "-32"], r"--image_size -32: must be > 0"),  # was: numpy's traceback
