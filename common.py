@@ -195,11 +195,11 @@ class EncoderDecoder(nn.Module):
         mem = self.encoder(images)  # contiguous: else matmul copies the (B, H, M, D/H) view at every sampled token
         return [tuple(t.contiguous() for t in b.cross.memory_kv(mem)) for b in self.decoder.blocks]
 
-    def forward(self, images, tokens, allowed=None):
-        """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image ->
-        logits (B*R, L, V) predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): grammar, as in sample."""
+    def forward(self, images, tokens, allowed=None, kv=None):
+        """Teacher forcing. images (B, C, H, W), tokens (B*R, L) with R samples per image -> logits (B*R, L, V)
+        predicting tokens[:, t] from BOS + tokens[:, :t]; allowed (L, V): the grammar; kv: memory_kv(images) or None"""
         inp = torch.cat([torch.full_like(tokens[:, :1], self.cfg["bos"]), tokens[:, :-1]], 1)
-        logits = self.decoder(inp, self.memory_kv(images))
+        logits = self.decoder(inp, kv or self.memory_kv(images))
         return logits if allowed is None else logits.masked_fill(~allowed[: tokens.shape[1]], float("-inf"))
 
 def load_timm_encoder(model, path):
@@ -241,11 +241,11 @@ def example_noise(seed, step, index, k, length):
 
 @torch.no_grad()
 def sample(model, images, seq_len, k=1, temperature=1.0, top_k=0, top_p=1.0, noise=None, allowed=None,
-           end_token=None, pad_token=0, use_cache=True):
+           end_token=None, pad_token=0, use_cache=True, kv=None):
     """Autoregressive sampling of K sequences per image (temperature 0: greedy) -> tokens (B, K, L) and their log-probs
     (B, K, L) under the model at temperature 1 (what REINFORCE differentiates); after end_token: pad_token, logp 0."""
     B, N, dev, c = images.shape[0], images.shape[0] * k, images.device, model.cfg
-    kv, noise = model.memory_kv(images), None if noise is None else noise.to(dev)  # once: a copy per token syncs CUDA
+    kv, noise = kv or model.memory_kv(images), None if noise is None else noise.to(dev)  # once: a copy a token syncs
     tokens = torch.full((N, seq_len + 1), c["bos"], dtype=torch.long, device=dev)
     logps, ended = torch.zeros(N, seq_len, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
     caches = [torch.empty(2, N, c["heads"], seq_len, c["width"] // c["heads"], device=dev, dtype=kv[0][0].dtype)

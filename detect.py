@@ -363,13 +363,13 @@ def predict(model, ds, meta, device, n_images, micro_batch=0):  # 0: 128 (1280 p
                                          batch_size=micro_batch or 128, collate_fn=collate)
     results, rewards, nboxes, tokens_all, scores = [], [], [], [], []
     for idx, imgs, boxes, labels in tqdm(loader, desc="eval", leave=False):  # rank 0 only
-        imgs = imgs.to(device)
-        tok, logp = common.sample(model, imgs, L, temperature=0, allowed=allowed, end_token=0)
+        kv = model.memory_kv(imgs := imgs.to(device))  # the encoder once: the sampling and the P(conf) pass read it
+        tok, logp = common.sample(model, imgs, L, temperature=0, allowed=allowed, end_token=0, kv=kv)
         gb, gl = gt_arrays(boxes, labels, meta["max_boxes"])
         batch = dict(gt_boxes=gb.to(device), gt_labels=gl.to(device), class_weights=meta["class_weights"])
         rewards.append(REWARDS[meta["reward"]](tok, batch)[0][:, 0].cpu())
         tok, p = tok[:, 0], logp[:, 0].view(len(idx), -1, 6).exp()  # p: (B, P, 6) probs of the greedy tokens
-        p2 = model(imgs, tok, read)[:, 5::6].float().softmax(-1)[..., 2]  # P(conf 2) = expected IoU, (B, P)
+        p2 = model(imgs, tok, read, kv)[:, 5::6].float().softmax(-1)[..., 2]  # P(conf 2) = expected IoU, (B, P)
         tok, score = tok.cpu(), box_score(p, p2).cpu()
         pb, pl, pv = decode(tok, nc)
         for j, i in enumerate(idx.tolist()):

@@ -376,15 +376,22 @@ def test_micro_batch_bounds_the_eval_batch_and_changes_no_prediction(monkeypatch
     torch.manual_seed(0)
     model = common.build_model(common.model_config("tiny", 32, detect.CLS0 + nc + 1, 24, detect.CLS0 + nc, 1, 8),
                                "cpu")
-    sizes, sample = [], common.sample
+    sizes, sample, encoder = [], common.sample, model.encoder.forward
     monkeypatch.setattr(common, "sample", lambda m, imgs, *a, **k: sizes.append(len(imgs)) or sample(m, imgs, *a, **k))
+    monkeypatch.setattr(model.encoder, "forward", lambda x: sizes.append(-len(x)) or encoder(x))  # encoder: < 0
     whole = detect.predict(model, detect.Boxes(items, 32), meta, "cpu", 5)
     parts = detect.predict(model, detect.Boxes(items, 32), meta, "cpu", 5, micro_batch=2)
-    assert sizes == [5, 2, 2, 1]
+    assert sizes == [-5, 5, -2, 2, -2, 2, -1, 1]  # and the encoder once a batch: sampling and P(conf) share it
     res, r, nb, tok, score = whole
     assert len(res) > 0 and torch.equal(tok, parts[3])  # the same greedy tokens: the same boxes
     assert [x["bbox"] for x in res] == [x["bbox"] for x in parts[0]]
     assert torch.allclose(score, parts[4], atol=1e-5) and (r, nb) == pytest.approx(parts[1:3], abs=1e-6)
+    # the shared encoder pass changes no score: P(conf 2) from a pass that runs its own encoder gives the same
+    imgs = torch.stack([detect.Boxes(items, 32)[i][1] for i in range(5)])
+    with torch.no_grad():
+        logp = sample(model, imgs, 24, temperature=0, allowed=detect.grammar(4, nc, (2,)), end_token=0)[1]
+        p2 = model(imgs, tok, detect.grammar(4, nc))[:, 5::6].softmax(-1)[..., 2]
+    assert torch.equal(detect.box_score(logp[:, 0].view(5, -1, 6).exp(), p2), score)
 
 
 def test_each_file_is_checked_once_a_process(tmp_path, monkeypatch, capsys):
