@@ -108,3 +108,22 @@ def test_two_processes_keep_every_tasks_replicas_in_sync(tmp_path, task):
         sums = [r["replica_checksums"] for r in map(json.loads, open(tmp_path / task / stage / "log.jsonl"))
                 if "replica_checksums" in r][-1]
         assert len(sums) == 2 and sums[0] == sums[1], stage
+
+
+def test_two_processes_on_coco_files(tmp_path):
+    """The real-data path under torchrun (2 CPU processes): COCO files, the tiny model, every stage. Each rank loads
+    and checks the files, rank 0 alone prints (one warning a stage that loads data, not one a rank) and evaluates; the
+    replicas stay in sync."""
+    for split in ["train", "val"]:
+        write_coco(tmp_path / "coco", split)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "detect.py"), "--data", "coco", "--data_dir", str(tmp_path / "coco"), "--train_split",
+           "train", "--val_split", "val", "--tiny", "--batch_size", "4", "--out_dir", str(tmp_path / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("warning: val: skipped 1 of 5 images") == 4  # mle, reward, mle_cont, eval
+    for stage in ["mle", "reward", "mle_cont"]:
+        sums = [r["replica_checksums"] for r in map(json.loads, open(tmp_path / "out" / "detect" / stage / "log.jsonl"))
+                if "replica_checksums" in r][-1]
+        assert len(sums) == 2 and sums[0] == sums[1], stage
+    assert set(json.load(open(tmp_path / "out" / "detect" / "eval" / "metrics.json"))) == {"mle", "reward", "mle_cont"}

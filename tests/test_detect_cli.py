@@ -165,12 +165,17 @@ def test_checkpoint_of_other_flags_or_batch_split_is_one_line_exit_2(tiny, tmp_p
 def test_coco_fixture_trains_and_evaluates(tmp_path):
     for split in ["train", "val"]:
         write_coco(tmp_path / "coco", split)
+    coco = ["--data", "coco", "--data_dir", tmp_path / "coco", "--train_split", "train", "--val_split", "val",
+            "--tiny", "--batch_size", "4"]
+    run(*coco, "--out_dir", tmp_path / "all")  # every stage
+    assert set(json.load(open(tmp_path / "all" / "detect" / "eval" / "metrics.json"))) == {"mle", "reward", "mle_cont"}
+    # the tiny run's models find no box in 30 steps; 100 at lr 1e-3 do, to check where their boxes land
     out = tmp_path / "out"
-    run("--data", "coco", "--data_dir", tmp_path / "coco", "--train_split", "train", "--val_split", "val",
-        "--tiny", "--model", "tiny", "--patch", "8", "--batch_size", "4", "--out_dir", out)
-    res = json.load(open(out / "detect" / "eval" / "results_reward.json"))
+    run(*coco, "--out_dir", out, "--stage", "mle", "--steps", "100", "--lr", "1e-3")
+    run(*coco, "--out_dir", out, "--stage", "eval")
+    res = json.load(open(out / "detect" / "eval" / "results_mle.json"))
     sizes = {10: (48, 64), 11: (33, 47), 12: (40, 40), 13: (50, 30)}
-    assert {r["category_id"] for r in res} <= {1, 3, 7} and {r["image_id"] for r in res} <= set(sizes)
+    assert res and {r["category_id"] for r in res} <= {1, 3, 7} and {r["image_id"] for r in res} <= set(sizes)
     for r in res:  # boxes are in each image's original pixel coordinates
         w, h = sizes[r["image_id"]]
         x, y, bw, bh = r["bbox"]
