@@ -373,7 +373,7 @@ def train(args, tr, va, output, loss_fn, report):
     log = common.Logger(out, rank == 0, resume=start)
     sampler = common.StepSampler(len(tr), args.batch_size, args.seed, start, args.steps, rank, world)
     b = args.batch_size // world
-    if (mb := args.micro_batch or b) < 0 or b % mb:  # unequal parts: unequal weights
+    if b % (mb := args.micro_batch or b):  # unequal parts: unequal weights (< 0: oracle_args)
         raise UserError(f"--micro_batch {mb}: must be 0 (whole) or divide the per-process batch {b}")
     loader = torch.utils.data.DataLoader(tr, batch_sampler=sampler, num_workers=args.workers)
     t0 = time.time()
