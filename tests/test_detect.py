@@ -109,6 +109,13 @@ def test_conf_loss_is_minimal_at_the_matched_iou():
     detect.conf_loss(masked, tok, iou, 5).backward()
     g = logits.grad[0, 5]  # at P1 = P2 = 0.5 the loss pushes P2 up towards 0.7
     assert g[2] < 0 < g[1]
+    ps = torch.linspace(0.05, 0.95, 19)  # P2 on a grid that holds 0.7: the loss is lowest there
+    losses = []
+    for q in ps:
+        lg = torch.zeros(1, 6, 1010)
+        lg[0, 5, 1], lg[0, 5, 2] = torch.log(1 - q), torch.log(q)
+        losses.append(detect.conf_loss(lg.masked_fill(~detect.grammar(1, 5), float("-inf")), tok, iou, 5))
+    assert ps[torch.stack(losses).argmin()] == pytest.approx(0.7)
 
 
 def test_match_each_prediction_keeps_its_best_gt_each_gt_its_best_prediction():
