@@ -275,21 +275,14 @@ def pq_image(gt_ids, gt_segs, pred_ids, pred_segs, stats, split=None):
             pred_matched.add(q)
     crowd = {}
     for g, seg in gt_segs.items():
-        if g in gt_matched:
-            continue
-        if seg.get("iscrowd", 0) == 1:
+        if g not in gt_matched and seg.get("iscrowd", 0) == 1:
             crowd[seg["category_id"]] = g  # one crowd region per category (panopticapi keeps the last)
-            continue
-        stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[3] += 1
-    for q, seg in pred_segs.items():
-        if q in pred_matched:
-            continue
-        ignored = inter.get((VOID, q), 0)
-        if seg["category_id"] in crowd:
-            ignored += inter.get((crowd[seg["category_id"]], q), 0)
-        if ignored / seg["area"] > 0.5:
-            continue
-        stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[2] += 1
+        elif g not in gt_matched:
+            stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[3] += 1
+    for q, seg in pred_segs.items():  # ignored: its pixels on void or on a crowd region of its category
+        ignored = inter.get((VOID, q), 0) + inter.get((crowd.get(seg["category_id"]), q), 0)
+        if q not in pred_matched and ignored / seg["area"] <= 0.5:
+            stats.setdefault(key(seg["category_id"], seg["area"]), [0.0, 0, 0, 0])[2] += 1
 
 
 def pq_average(stats, categories, isthing):
@@ -389,9 +382,15 @@ def predict(model, oracle, ds, device, n_images, min_segment, micro_batch=0):  #
 
 
 def as_segments(seg, cat, categories):
-    """(N, S, S), (N, I) tensors of classes -> [(segment index (S, S) uint32, {index: category id})]."""
-    return [(sg, {q: categories[c - 1]["id"] for q, c in enumerate(ct) if c > 0 and (sg == q).any()})
-            for sg, ct in zip(seg.cpu().numpy().astype(np.uint32), cat.cpu().tolist())]
+    """(N, S, S), (N, I) tensors of classes -> [(segment index (S, S) uint32, {index: category id})]. The pieces of
+    a stuff class become one segment (its first index), as panopticapi's converter in UViM's eval: one sky, not two."""
+    out = []
+    for sg, ct in zip(seg.cpu().numpy(), cat.cpu().tolist()):
+        first = np.array([ct.index(c) if c > 0 and not categories[c - 1]["isthing"] else q for q, c in enumerate(ct)])
+        sg = first[sg].astype(np.uint32)
+        out.append((sg, {q: categories[c - 1]["id"] for q, c in enumerate(ct)
+                         if c > 0 and first[q] == q and (sg == q).any()}))
+    return out
 
 
 def pq_in_memory(preds, ds):

@@ -130,6 +130,21 @@ def test_stuff_class_split_in_two(tmp_path):
     assert r["per_class"][6]["pq"] == pytest.approx(0.625 / 1.5)
 
 
+def test_eval_gives_a_stuff_class_one_segment_as_panopticapis_converter(tmp_path):
+    # UViM's decoding gives every instance slot its own segment, stuff too: here sky (class 3 = CATS[2]) in slots 1
+    # and 2, the circle (class 2) in slots 3 and 4, slot 5 unused. UViM's eval writes COCO's format with panopticapi's
+    # two-channel converter, which gives a stuff class one segment and each thing instance its own: sky = slots 1 + 2
+    # (12 px, named 1), the circle's pieces stay two (2 px each).
+    seg = torch.tensor([[[1, 1, 1, 1], [1, 1, 1, 1], [2, 2, 3, 4], [2, 2, 3, 4]]])
+    (sg, cats), = panoptic.as_segments(seg, torch.tensor([[-1, 3, 3, 2, 2, 2]]), CATS)
+    assert (sg == np.array([[1] * 4, [1] * 4, [1, 1, 3, 4], [1, 1, 3, 4]])).all() and cats == {1: 6, 3: 2, 4: 2}
+    # GT: sky 12 px, one circle of 4 px. Sky: IoU 12/12 -> TP, pq 1 (unmerged: 8/12 and a false positive).
+    # Circle: each piece IoU 2/4 = 0.5, not > 0.5 -> FN 1, FP 2 -> pq 0.
+    r = write(tmp_path, grid(["2222", "2222", "2211", "2211"]), {1: (2, 0), 2: (6, 0)}, sg, cats)
+    assert r["per_class"][6] == pytest.approx(dict(pq=1, sq=1, rq=1)) and r["per_class"][2]["pq"] == 0
+    assert r["fp_per_image"] == 2
+
+
 def test_malformed_pairs_are_clear_errors(tmp_path):
     g = grid(["1122", "1122", "1122", "1122"])
     with pytest.raises(UserError, match="segment 2 is in the PNG and not in the json"):
