@@ -65,8 +65,7 @@ def autocast(device):  # bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 is sl
 def replica_checksums(model):  # sum of all weights, one per rank: equal when DDP kept the replicas in sync
     s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     out = [torch.zeros_like(s) for _ in range(dist.get_world_size())] if dist.is_initialized() else [s]
-    if dist.is_initialized():
-        dist.all_gather(out, s)
+    dist.all_gather(out, s) if dist.is_initialized() else None
     return [float(x) for x in out]
 
 # ---- logging: one readable line per --log_every on rank 0, and every line in log.jsonl -------------------------------
@@ -354,8 +353,9 @@ def torch_load(path, mmap=False):  # mmap (our checkpoints, zip format): ranks s
 
 def load_ckpt(path, task):
     ck = torch_load(path, mmap=True)  # else every rank copies it: ViT-L + AdamW ~8.5 GB, eval reads three
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise UserError(f"{path}: not a rewardtune checkpoint (no model/config)")
+    need = sorted({"model", "config", "args", "step", "task"} | ({"meta"} if not task.startswith("vqvae") else set()))
+    if miss := [k for k in need if not isinstance(ck, dict) or k not in ck]:  # a hand-made one: else a KeyError later
+        raise UserError(f"{path}: not a rewardtune checkpoint (no {'/'.join(miss)})")
     if ck.get("task") != task:
         raise UserError(f"{path}: a checkpoint of task '{ck.get('task')}', not '{task}'")
     return ck

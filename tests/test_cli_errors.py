@@ -165,7 +165,7 @@ def test_an_unclosed_quote_in_oracle_flags_is_one_line():
 def test_a_tiny_runs_oracle_is_not_a_full_runs(tmp_path, ck_tiny, run_tiny):
     """Single stages load out_dir/vqvae_<task>/ckpt.pt: a --tiny run's (32 px) used to become a preset run's."""
     path = str(tmp_path / "ckpt.pt")
-    common.save_ckpt(path, task="vqvae_colorize", model={}, config={}, args=dict(tiny=ck_tiny))
+    common.save_ckpt(path, task="vqvae_colorize", model={}, config={}, step=1, args=dict(tiny=ck_tiny))
     with pytest.raises(common.UserError, match=f"ckpt.pt: the oracle of a {'--tiny' if ck_tiny else 'full-size'}"):
         vqvae.load(path, "colorize", "cpu", argparse.Namespace(tiny=run_tiny))
     with pytest.raises(KeyError):  # --oracle given (no run flags to match): past the check, to the empty config

@@ -127,7 +127,7 @@ def test_until_end_includes_the_end_token():
 def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     m = tiny_model()
     path = str(tmp_path / "ckpt.pt")
-    common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=3)
+    common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=3, args={}, meta={})
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
     def killed(obj, f, *a, **kw):  # Ctrl-C mid-write: some bytes reach the file torch.save was given, then stop
@@ -138,17 +138,26 @@ def test_checkpoint_atomic_and_checked(tmp_path, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(common.torch, "save", killed)
         with pytest.raises(KeyboardInterrupt):
-            common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=6)
+            common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=6, args={}, meta={})
     assert common.load_ckpt(path, "detect")["step"] == 3  # the previous checkpoint is intact (run()'s promise)
     # save_ckpt leaves its partial temporary file after a kill (no cleanup); what it guarantees is that the next
     # save overwrites it and renames it into place: the new step, and no stray file
-    common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=9)
+    common.save_ckpt(path, task="detect", model=m.state_dict(), config=m.cfg, step=9, args={}, meta={})
     assert common.load_ckpt(path, "detect")["step"] == 9 and os.listdir(tmp_path) == ["ckpt.pt"]
     ck = common.load_ckpt(path, "detect")
     m2 = common.build_model(ck["config"], "cpu", ck["model"])
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(common.UserError, match="task 'detect'"):
         common.load_ckpt(path, "caption")
+    # hand-made ones: what a stage reads later (meta, args, step) is checked at load, not a KeyError mid-stage
+    torch.save(dict(task="detect", model=m.state_dict(), config=m.cfg), tmp_path / "hand.pt")
+    with pytest.raises(common.UserError, match=r"hand.pt: not a rewardtune checkpoint \(no args/meta/step\)"):
+        common.load_ckpt(str(tmp_path / "hand.pt"), "detect")
+    torch.save(m.state_dict(), tmp_path / "weights.pt")  # a state dict alone
+    with pytest.raises(common.UserError, match=r"\(no args/config/meta/model/step/task\)"):
+        common.load_ckpt(str(tmp_path / "weights.pt"), "detect")
+    torch.save(dict(task="vqvae_panoptic", model={}, config={}, args={}, step=1), tmp_path / "oracle.pt")
+    assert common.load_ckpt(str(tmp_path / "oracle.pt"), "vqvae_panoptic")["step"] == 1  # stage I's: no meta
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(common.UserError, match="bad.pt"):
         common.load_ckpt(str(tmp_path / "bad.pt"), "detect")
