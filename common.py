@@ -396,11 +396,12 @@ def build_model(cfg, device, state=None, path="checkpoint", image_size=None):
 
 CONTROL = ("lr", "warmup", "wd", "schedule", "batch_size", "enc_lr_mult", "optimizer", "clip")  # mle_cont = reward's
 def check_positive(args):  # counts, intervals, lr, T, decoder depth: 0 breaks or trains nothing (None: preset)
-    names = "lr steps batch_size samples ckpt_every log_every eval_images temperature dec_layers patch image_size"
-    names += " num_train num_val" * (getattr(args, "data", "") == "synthetic")  # real data's presets: 0 = unused
-    if bad := [f"--{k} {v}" for k, v in vars(args).items() if (k.startswith(("max_", "micro_")) or k in names.split())
-               and v is not None and v <= -(k == "micro_batch")]:  # --micro_batch 0: the whole batch
-        raise UserError(f"{', '.join(bad)}: must be > 0")
+    names = ("lr steps batch_size samples ckpt_every log_every eval_images temperature dec_layers patch image_size"
+             + " num_train num_val" * (getattr(args, "data", "") == "synthetic")).split()  # real data: 0 = unused
+    zero = "micro_batch seed workers stop_at eval_every warmup wd enc_lr_mult clip".split()  # >= 0: 0 = none / off
+    if bad := [f"--{k} {v}: must be {'>= 0' if k in zero else '> 0'}" for k, v in vars(args).items()
+               if (k.startswith("max_") or k in names + zero) and v is not None and v <= -(k in zero)]:
+        raise UserError(", ".join(bad))
 
 def stage_flags(args, preset, stage, given, task, rewards):
     """This stage's --steps / --lr / --warmup / --wd (`given`, else the preset's enc_ / mle_ / reward_) and schedule;
@@ -446,8 +447,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         meta = dict(meta, start=fingerprint(init_state))
     raw = build_model(cfg, device, init_state, path if start else args.init or init, args.image_size)
     opt = make_optimizer(raw, args.optimizer, args.lr, args.wd, args.enc_lr_mult)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    opt.load_state_dict(opt_state) if opt_state is not None else None
     model = torch.compile(raw) if args.compile else raw
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if "cuda" in str(device) else None)

@@ -52,10 +52,17 @@ def refused(monkeypatch, mod, argv, match):
     (colorize, ["--stage", "oracle", "--oracle_flags", "--log_every 0"], r"--log_every 0: must be > 0"),
     # flags that trained nothing (lr 0, no micro-batch), an LM blind to the image, or crashed deep in numpy / torch
     (panoptic, ["--stage", "mle", "--lr", "0"], r"--lr 0.0: must be > 0"),
-    (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be > 0"),
+    (detect, ["--stage", "mle", "--micro_batch", "-1"], r"--micro_batch -1: must be >= 0"),
     (detect, ["--stage", "mle", "--micro_batch", "3"], r"--micro_batch 3: must be 0 \(whole\) or divide"),
-    (caption, ["--stage", "eval", "--micro_batch", "-1"], r"--micro_batch -1: must be > 0"),  # also eval's batch
-    (panoptic, ["--stage", "oracle", "--oracle_flags", "--micro_batch -2"], r"--micro_batch -2: must be > 0"),
+    (caption, ["--stage", "eval", "--micro_batch", "-1"], r"--micro_batch -1: must be >= 0"),  # also eval's batch
+    (panoptic, ["--stage", "oracle", "--oracle_flags", "--micro_batch -2"], r"--micro_batch -2: must be >= 0"),
+    # negative where 0 means none / off: numpy's or the DataLoader's traceback (seed, workers), a stage that stopped
+    # after step 1 with exit 0 (stop_at), an eval every step (eval_every), an encoder trained by gradient ascent
+    (detect, ["--stage", "mle", "--seed", "-1"], r"--seed -1: must be >= 0"),
+    (caption, ["--stage", "mle", "--workers", "-1"], r"--workers -1: must be >= 0"),
+    (colorize, ["--stage", "mle", "--stop_at", "-1"], r"--stop_at -1: must be >= 0"),
+    (panoptic, ["--stage", "reward", "--eval_every", "-1", "--enc_lr_mult", "-1"],
+     r"--enc_lr_mult -1.0: must be >= 0, --eval_every -1: must be >= 0"),
     (caption, ["--stage", "mle", "--dec_layers", "0"], r"--dec_layers 0: must be > 0"),
     (detect, ["--stage", "mle", "--patch", "0"], r"--patch 0: must be > 0"),
     (caption, ["--stage", "mle", "--image_size", "-32"], r"--image_size -32: must be > 0"),  # was: numpy's traceback
