@@ -436,7 +436,7 @@ def stage_setup(task, stage, args, cfg, meta, device, world, init_state=None):
         raise UserError(f"--micro_batch {args.micro_batch}: must be 0 (whole) or divide the per-process batch {b}")
     if args.resume and os.path.exists(path):
         ck = load_ckpt(path, task)
-        keys = ("optimizer", "wd", "enc_lr_mult", "seed", "batch_size", "min_count", "max_len") + (  # else a crash
+        keys = CONTROL + ("seed", "min_count", "max_len") + (  # else a crash, or a stage that is not its control's
             ("samples", "baseline", "grad_on", "temperature", "reward") if stage.startswith("reward") else ())
         if diff := {k: ck["args"].get(k) for k in keys if ck["args"].get(k) != vars(args).get(k)} | {
                 k: v for k, v in ck["config"].items() if cfg.get(k, v) != v}:  # --dec_layers, --patch, --max_boxes...

@@ -190,6 +190,18 @@ def test_resume_with_another_vocabulary_is_refused(tmp_path):
         common.stage_setup("caption", "mle", args, {}, {}, "cpu", 1)
 
 
+def test_resume_with_another_lr_is_refused(tmp_path):
+    """--resume --lr X kept the stage's steps at the old lr and wrote X into the checkpoint: its control (mle_cont
+    copies the reward stage's args) then trained at an lr the reward stage never had."""
+    args = argparse.Namespace(out_dir=str(tmp_path), resume=True, batch_size=4, micro_batch=0, optimizer="adamw",
+                              lr=1e-3, warmup=0, schedule="constant", wd=0.0, enc_lr_mult=1.0, clip=1.0, seed=0)
+    path = tmp_path / "detect" / "mle" / "ckpt.pt"
+    common.save_ckpt(str(path), task="detect", model={}, config={}, meta={}, step=5, optimizer={},
+                     args=dict(vars(args), lr=1e-5))
+    with pytest.raises(common.UserError, match=r"made with \{'lr': 1e-05\}; resume with the same flags"):
+        common.stage_setup("detect", "mle", args, {}, {}, "cpu", 1)
+
+
 def help_of(parser, flag):  # the --help text of one flag, whitespace folded (argparse wraps it)
     text = parser.format_help().split(f"\n  {flag} ", 1)[1]
     return " ".join(text.split("\n  -", 1)[0].split())
