@@ -46,7 +46,8 @@ def test_sample_logp_equals_teacher_forced_logp():
 def test_samples_share_their_own_images_cross_attention():
     """R samples per image read the image's K/V once (grouped queries): the same logits as R copies of the image."""
     m, imgs, tok = tiny_model(), torch.randn(3, 3, 16, 16), torch.randint(0, 39, (12, 24))
-    torch.testing.assert_close(m(imgs, tok), m(imgs.repeat_interleave(4, 0), tok), atol=1e-5, rtol=1e-5)
+    # float32 summation order (other matmul shapes): 1.3e-4 on logits up to 6.7 on one CPU model, under 1e-5 on another
+    torch.testing.assert_close(m(imgs, tok), m(imgs.repeat_interleave(4, 0), tok), atol=1e-3, rtol=1e-4)
     assert not torch.allclose(m(imgs, tok), m(imgs.repeat(4, 1, 1, 1), tok), atol=1e-3)  # another image's: differs
 
 
